@@ -1,0 +1,13 @@
+"""tokenmill's inference engine: a paged-KV, continuous-batching engine for Llama-family models.
+
+Usable on its own, like a library:
+
+    from engine import LLM, SamplingParams
+    llm = LLM("smollm2-135m-instruct", device="cpu")
+    print(llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0))[0].text)
+"""
+
+from engine.config import EngineConfig, ModelInfo
+from engine.sampling_params import SamplingParams
+
+__all__ = ["EngineConfig", "ModelInfo", "SamplingParams"]

@@ -1,0 +1,3 @@
+"""tokenmill: the composition root (command line, settings, local supervisor)."""
+
+__version__ = "0.1.0"
