@@ -8,6 +8,20 @@ Usable on its own, like a library:
 """
 
 from engine.config import EngineConfig, ModelInfo
+from engine.engine import Engine, EngineStats
+from engine.llm import LLM
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import TokenLogprob
 from engine.sampling_params import SamplingParams
 
-__all__ = ["EngineConfig", "ModelInfo", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "ModelInfo",
+    "RequestOutput",
+    "SamplingParams",
+    "TokenLogprob",
+]

@@ -1,0 +1,149 @@
+"""The scheduler: which requests run in the next step, and how many of their tokens.
+
+Each step has a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`).
+Running requests come first, in priority order (lower number first, then arrival), each taking what
+it still needs: one token for a decode, or the next chunk of a long prompt. Waiting requests are
+then admitted in the same order while budget, sequence slots and KV blocks last. When a running
+request cannot get a block, the newest request of the lowest priority is preempted: its blocks are
+freed and it is recomputed later from its tokens (which the prefix cache often still holds).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass, field
+
+from engine.kv_cache import KVCacheManager
+from engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: requests with how many of their tokens to compute now."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill, priorities and preemption by recomputation."""
+
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[tuple[tuple[int, float, int], Request]] = []  # sorted by key
+        self.running: list[Request] = []
+        self._order = itertools.count()
+        self._keys: dict[int, tuple[int, float, int]] = {}
+        self.num_preemptions = 0
+
+    def _key(self, request: Request) -> tuple[int, float, int]:
+        key = self._keys.get(id(request))
+        if key is None:
+            key = (request.priority, request.arrival_time, next(self._order))
+            self._keys[id(request)] = key
+        return key
+
+    # -- membership --------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queues a new (or preempted) request."""
+        request.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, (self._key(request), request), key=lambda e: e[0])
+
+    def remove(self, request: Request) -> None:
+        """Takes a request out (finished or aborted) and frees its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting = [e for e in self.waiting if e[1] is not request]
+        self.kv.free(request)
+        self._keys.pop(id(request), None)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the step ----------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        """Picks this step's work. Allocates the blocks it needs; never exceeds budget or caps."""
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        self.running.sort(key=self._key)
+        scheduled: set[int] = set()
+
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(request.num_uncomputed_tokens, budget)
+            if n == 0:
+                continue
+            while not self.kv.allocate(request, n):
+                victim = self._pick_victim(exclude=scheduled)
+                self._preempt(victim, batch)
+                if victim is request:
+                    break
+            else:
+                batch.requests.append(request)
+                batch.num_tokens.append(n)
+                scheduled.add(id(request))
+                budget -= n
+
+        # New work joins only when nothing had to be preempted: admitting it now would just
+        # push the preempted ones out again.
+        while (self.waiting and budget > 0 and not batch.preempted
+               and len(self.running) < self.max_num_seqs):
+            request = self.waiting[0][1]
+            cached = self.kv.find_cached_prefix(request)
+            num_cached = len(cached) * self.kv.block_size
+            n = min(request.num_tokens - num_cached, budget)
+            if not self.kv.allocate(request, n, cached):
+                break
+            self.waiting.pop(0)
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            batch.requests.append(request)
+            batch.num_tokens.append(n)
+            budget -= n
+        return batch
+
+    def _pick_victim(self, exclude: set[int]) -> Request:
+        """The newest request of the lowest priority, preferring ones not yet scheduled."""
+        candidates = [r for r in self.running if id(r) not in exclude] or self.running
+        return max(candidates, key=self._key)
+
+    def _preempt(self, request: Request, batch: ScheduledBatch) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        batch.preempted.append(request)
+        self.add(request)
+
+    def after_step(self, batch: ScheduledBatch) -> None:
+        """Advances the computed-token counts of the step's requests and caches full blocks."""
+        for request, n in zip(batch.requests, batch.num_tokens):
+            request.num_computed_tokens += n
+            self.kv.cache_full_blocks(request)
