@@ -78,6 +78,9 @@ def _decode_batch(
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, L]
     pad = torch.arange(length, device=q.device)[None, :] >= context_lens[:, None].to(q.device)
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    # Slots past a sequence's length were never written (an uninitialised pool may hold NaN there),
+    # and a zero probability times NaN is still NaN: zero those values too.
+    v = v.masked_fill(pad[:, :, None, None], 0.0)
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hkv, G, D]
     return out.reshape(bsz, num_heads, head_dim).to(q.dtype)

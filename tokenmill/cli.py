@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from tokenmill.cli_db import db_app
 from tokenmill.cli_generate import generate_command
 
 app = typer.Typer(
@@ -14,8 +15,12 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("generate")(generate_command)
+app.add_typer(db_app, name="db")
 
 
+@app.callback()
+def _root() -> None:
+    """tokenmill: LLM generation jobs on your own GPUs (or CPU)."""
 
 def main() -> None:
     """Console-script entry point."""

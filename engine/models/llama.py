@@ -1,0 +1,230 @@
+"""The Llama-family decoder (Llama, Llama-3.1, Mistral, Qwen2, Qwen3, SmolLM2) over the paged KV cache.
+
+One class covers the family; the differences are read from the Hugging Face config:
+- q/k/v bias (Qwen2 always, Llama/Qwen3 when `attention_bias`), o_proj bias (`attention_bias`,
+  not Qwen2), MLP bias (`mlp_bias`);
+- per-head RMSNorm of q and k before rotary (Qwen3), and `head_dim` that need not be hidden/heads;
+- rotary scaling (`rope_scaling` / `rope_parameters`, e.g. Llama-3.1's `llama3`);
+- tied or untied input and output embeddings.
+
+q, k and v share one Linear, as do gate and up: one matmul each instead of three and two. The
+Hugging Face weights are concatenated into them at load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import (
+    AttnMetadata,
+    apply_rotary,
+    fused_add_rms_norm,
+    paged_attention,
+    rms_norm,
+    rotary_cos_sin,
+    silu_and_mul,
+    write_kv,
+)
+
+
+def _rope(config: Any) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling dict or None) from a transformers 4.x or 5.x config."""
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or params or None
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None and scaling:
+        theta = scaling.get("rope_theta")
+    return float(theta if theta is not None else 10000.0), scaling
+
+
+class _Layer(nn.Module):
+    """One decoder layer: attention over the paged cache, then the gated MLP."""
+
+    def __init__(self, config: Any, head_dim: int) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        self.scale = head_dim**-0.5
+        self.eps = config.rms_norm_eps
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = attention_bias or config.model_type == "qwen2"
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+
+        self.input_layernorm = nn.Parameter(torch.empty(hidden))
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=attention_bias and config.model_type != "qwen2")
+        self.qk_norm = config.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = nn.Parameter(torch.empty(head_dim))
+            self.k_norm = nn.Parameter(torch.empty(head_dim))
+        self.post_attention_layernorm = nn.Parameter(torch.empty(hidden))
+        self.gate_up_proj = nn.Linear(hidden, 2 * config.intermediate_size, bias=mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=mlp_bias)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttnMetadata,
+        cos_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = rms_norm(hidden, self.input_layernorm, self.eps)
+        else:
+            hidden, residual = fused_add_rms_norm(hidden, residual, self.input_layernorm, self.eps)
+
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        q, k = apply_rotary(q, k, positions, cos_sin)
+        k_cache, v_cache = kv_cache
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        attn = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        hidden = self.o_proj(attn.reshape(num_tokens, self.q_size))
+
+        hidden, residual = fused_add_rms_norm(hidden, residual, self.post_attention_layernorm, self.eps)
+        hidden = self.down_proj(silu_and_mul(self.gate_up_proj(hidden)))
+        return hidden, residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family causal LM whose attention reads and writes a paged KV cache.
+
+    Built from a Hugging Face config (LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config) with
+    uninitialised parameters of `dtype` on `device`; `load_weights` fills them from Hugging Face
+    named tensors (or the loader fills them with random values for dummy weights).
+    """
+
+    def __init__(self, config: Any, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.config = config
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.eps = config.rms_norm_eps
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        # Built on the meta device, then given real but uninitialised memory: nn.Linear's own random
+        # init would cost seconds on a big model only to be overwritten by the weights.
+        with torch.device("meta"):
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.layers = nn.ModuleList(_Layer(config, self.head_dim) for _ in range(config.num_hidden_layers))
+            self.norm = nn.Parameter(torch.empty(config.hidden_size))
+            self.lm_head = None
+            if not self.tie_word_embeddings:
+                self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+            self.to(dtype)  # still on meta: free, and no float32 copy is ever allocated
+        self.to_empty(device=device)
+        self.requires_grad_(False)
+        theta, scaling = _rope(config)
+        # float32 whatever the model dtype: the rotary kernel casts per use, and the table stays exact
+        self.cos_sin = rotary_cos_sin(self.head_dim, config.max_position_embeddings, theta, scaling, device=device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttnMetadata,
+    ) -> torch.Tensor:
+        """Runs one flat batch of tokens (of many sequences) and returns final hidden states [T, H].
+
+        Each layer writes the batch's keys and values into `kv_caches[i]` at `meta.slot_mapping`
+        before attending, so later steps see them.
+        """
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, self.cos_sin)
+        hidden, _ = fused_add_rms_norm(hidden, residual, self.norm, self.eps)
+        return hidden
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits [N, vocab] in float32 for the rows of `hidden` that need sampling."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies Hugging Face named tensors into the parameters, one at a time.
+
+        q/k/v and gate/up go into their slice of the fused Linear. Rotary inverse frequencies and a
+        tied `lm_head.weight` are skipped. Every parameter must be covered; a missing or unknown
+        name raises ValueError naming it.
+        """
+        params = dict(self.named_parameters())
+        loaded: dict[str, set[int] | None] = {}  # fused param -> slices seen; None = whole param
+        for hf_name, tensor in weights:
+            if "rotary_emb.inv_freq" in hf_name:
+                continue
+            if hf_name == "lm_head.weight" and self.lm_head is None:
+                continue
+            name, part = self._param_for(hf_name)
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"unexpected weight {hf_name!r} for {self.config.model_type} model")
+            target = param.data if part is None else self._slice(name, param.data, part)
+            if target.shape != tensor.shape:
+                raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            target.copy_(tensor)
+            if part is None:
+                loaded[name] = None
+            else:
+                loaded.setdefault(name, set()).add(part)
+        missing = [
+            n for n in params
+            if n not in loaded or (loaded[n] is not None and len(loaded[n]) != self._num_parts(n))
+        ]
+        if missing:
+            raise ValueError(f"weights missing for {len(missing)} parameters, e.g. {missing[:5]}")
+
+    # q, k, v -> parts 0, 1, 2 of qkv_proj; gate, up -> parts 0, 1 of gate_up_proj
+    _FUSED = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    @classmethod
+    def _param_for(cls, hf_name: str) -> tuple[str, int | None]:
+        """Our parameter name for a Hugging Face one, and the fused part it fills (or None)."""
+        name = hf_name.removeprefix("model.")
+        name = name.replace("self_attn.", "").replace("mlp.", "")
+        if name.endswith("norm.weight"):  # RMSNorm weights are plain Parameters here
+            name = name[: -len(".weight")]
+        elif name == "lm_head.weight":
+            name = "lm_head"
+        parts = name.split(".")
+        for i, p in enumerate(parts):
+            if p in cls._FUSED:
+                fused, part = cls._FUSED[p]
+                parts[i] = fused
+                return ".".join(parts), part
+        return name, None
+
+    def _num_parts(self, name: str) -> int:
+        return 3 if ".qkv_proj." in name else 2
+
+    def _slice(self, name: str, data: torch.Tensor, part: int) -> torch.Tensor:
+        if ".qkv_proj." in name:
+            q_size, kv_size = self.layers[0].q_size, self.layers[0].kv_size
+            sizes = [q_size, kv_size, kv_size]
+        else:
+            half = data.shape[0] // 2
+            sizes = [half, half]
+        start = sum(sizes[:part])
+        return data.narrow(0, start, sizes[part])

@@ -1,0 +1,40 @@
+"""Fixtures shared by the engine tests: the converted built-in model and tiny model directories."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine.builtin import builtin_model_dir
+from tiny_models import TINY_ARCHS, make_tiny_model
+
+
+def models_cache_dir() -> Path:
+    """Where built-in models are converted for tests: $TOKENMILL_CACHE_DIR or the user's cache, so
+    the conversion is done once and reused across test runs."""
+    return Path(os.environ.get("TOKENMILL_CACHE_DIR") or "~/.cache/tokenmill/models").expanduser()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct model directory (converted on first use)."""
+    return builtin_model_dir("smollm2-135m-instruct", models_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Callable[[str], Path]:
+    """Factory: `tiny_model_dir(arch)` -> a tiny random model directory of that architecture
+    variant (llama, llama3, mistral, qwen2, qwen3), made once per session."""
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in TINY_ARCHS:
+            raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
+        if arch not in made:
+            made[arch] = make_tiny_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), smollm2_dir)
+        return made[arch]
+
+    return make
