@@ -1,0 +1,1 @@
+"""Alembic migrations of tokenmill's store (configured in code by ``store.migrate``)."""

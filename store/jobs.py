@@ -1,0 +1,528 @@
+"""Jobs and their results: creation (bulk, idempotent), worker claims, finishing in bulk, reads.
+
+The worker-side calls (``mark_running``, ``record_results``, ``mark_failed``, ``requeue``, ``expire``)
+take job ids, which are globally unique, and never return another tenant's rows to a client: they
+are for workers only. Every read a client can trigger takes the tenant.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Select, Table, bindparam, case, func, insert, literal_column, or_, select, update
+from sqlalchemy.orm import Session
+
+from store.db import Database
+from store.errors import NotFound
+from store.models import JOB_KINDS, JOB_STATUSES, Batch, Job, Result, Usage
+from store.sql import among, insert_ignoring, new_id, utcnow
+from store.types import CreatedJob, FinishedJob, JobClaim, JobFailure, JobPage, JobSpec, RecordOutcome
+
+ACTIVE = ("queued", "running")
+MAX_PAGE = 1000
+
+_JOBS = cast(Table, Job.__table__)
+_RESULTS = cast(Table, Result.__table__)
+_USAGE = cast(Table, Usage.__table__)
+
+
+def _job_row(tenant_id: str, spec: JobSpec, now: datetime) -> dict[str, Any]:
+    if spec.kind not in JOB_KINDS:
+        raise ValueError(f"job kind {spec.kind!r} is not one of {', '.join(JOB_KINDS)}")
+    if not spec.model:
+        raise ValueError("a job needs a model name")
+    return {
+        "id": spec.id or new_id("job_"),
+        "tenant_id": tenant_id,
+        "api_key_id": spec.api_key_id,
+        "model": spec.model,
+        "kind": spec.kind,
+        "priority": spec.priority,
+        "request": spec.request,
+        "status": "queued",
+        "attempts": 0,
+        "error_code": None,
+        "error_message": None,
+        "worker": None,
+        "idempotency_key": spec.idempotency_key,
+        "batch_id": spec.batch_id,
+        "custom_id": spec.custom_id,
+        "created_at": now,
+        "expires_at": spec.expires_at,
+        "started_at": None,
+        "finished_at": None,
+    }
+
+
+def insert_jobs(session: Session, tenant_id: str, specs: Sequence[JobSpec]) -> list[CreatedJob]:
+    """Inserts jobs in one transaction (the caller's); see ``JobStore.create_jobs``."""
+    now = utcnow()
+    rows = [_job_row(tenant_id, spec, now) for spec in specs]
+    plain = [r for r in rows if r["idempotency_key"] is None]
+    keyed: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["idempotency_key"] is not None:
+            keyed.setdefault(r["idempotency_key"], r)  # the first spec with a key wins
+    if plain:
+        session.execute(insert(_JOBS), plain)
+    winners: dict[str, str] = {}
+    if keyed:
+        dialect = session.get_bind().dialect.name
+        session.execute(insert_ignoring(dialect, _JOBS, ["tenant_id", "idempotency_key"]), list(keyed.values()))
+        found = session.execute(
+            select(Job.idempotency_key, Job.id).where(
+                Job.tenant_id == tenant_id, among(_JOBS.c.idempotency_key, list(keyed), dialect)
+            )
+        )
+        winners = {key: job_id for key, job_id in found}
+    out: list[CreatedJob] = []
+    seen: set[str] = set()
+    for r in rows:
+        key = r["idempotency_key"]
+        if key is None:
+            out.append(CreatedJob(r["id"], True))
+        else:
+            job_id = winners[key]
+            created = job_id == r["id"] and job_id not in seen
+            seen.add(job_id)
+            out.append(CreatedJob(job_id, created))
+    return out
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, job_id = raw.split("|", 1)
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:
+            raise ValueError
+        return when, job_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValueError(f"invalid cursor {cursor!r}: pass the next_cursor of a previous page") from None
+
+
+def _statuses(status: str | Sequence[str] | None) -> list[str] | None:
+    if status is None:
+        return None
+    wanted = [status] if isinstance(status, str) else list(status)
+    bad = [s for s in wanted if s not in JOB_STATUSES]
+    if bad:
+        raise ValueError(f"unknown job status {bad[0]!r}; statuses are {', '.join(JOB_STATUSES)}")
+    return wanted
+
+
+class JobStore:
+    """Jobs and results."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- creation -------------------------------------------------------------------------------
+
+    def create_jobs(self, tenant_id: str, specs: Sequence[JobSpec]) -> list[CreatedJob]:
+        """Creates jobs (status ``queued``) in one transaction; returns one entry per spec, in order.
+
+        A spec whose idempotency key the tenant already used gets the existing job back with
+        ``created=False`` (also when two specs in the same call share a key). Raises NotFound if a
+        spec names a batch the tenant does not own.
+        """
+        if not specs:
+            return []
+
+        def work(s: Session) -> list[CreatedJob]:
+            batch_ids = {spec.batch_id for spec in specs if spec.batch_id is not None}
+            if batch_ids:
+                owned = set(s.scalars(select(Batch.id).where(Batch.id.in_(batch_ids), Batch.tenant_id == tenant_id)))
+                if owned != batch_ids:
+                    raise NotFound(f"no batch {sorted(batch_ids - owned)[0]!r} for this tenant")
+            return insert_jobs(s, tenant_id, specs)
+
+        return self._db.transact(work)
+
+    def create_job(self, tenant_id: str, spec: JobSpec) -> CreatedJob:
+        """Creates one job; see ``create_jobs``."""
+        return self.create_jobs(tenant_id, [spec])[0]
+
+    # -- reads (tenant-scoped) ------------------------------------------------------------------
+
+    def get_job(self, tenant_id: str, job_id: str) -> Job | None:
+        """The tenant's job, or None (also when the job belongs to another tenant)."""
+        with self._db.read() as s:
+            return s.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+    def get_result(self, tenant_id: str, job_id: str) -> Result | None:
+        """The result of the tenant's job, or None if it has none yet (or is not the tenant's)."""
+        with self._db.read() as s:
+            return s.scalar(
+                select(Result).join(Job, Job.id == Result.job_id).where(Job.id == job_id, Job.tenant_id == tenant_id)
+            )
+
+    def get_usage(self, tenant_id: str, job_id: str) -> Usage | None:
+        """The token accounting of the tenant's job, or None."""
+        with self._db.read() as s:
+            return s.scalar(select(Usage).where(Usage.job_id == job_id, Usage.tenant_id == tenant_id))
+
+    def _filtered(
+        self,
+        stmt: Select[Any],
+        tenant_id: str,
+        status: str | Sequence[str] | None,
+        batch_id: str | None,
+        since: datetime | None,
+    ) -> Select[Any]:
+        stmt = stmt.where(Job.tenant_id == tenant_id)
+        wanted = _statuses(status)
+        if wanted is not None:
+            stmt = stmt.where(Job.status.in_(wanted))
+        if batch_id is not None:
+            stmt = stmt.where(Job.batch_id == batch_id)
+        if since is not None:
+            stmt = stmt.where(Job.created_at >= since)
+        return stmt
+
+    def list_jobs(
+        self,
+        tenant_id: str,
+        *,
+        status: str | Sequence[str] | None = None,
+        batch_id: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """The tenant's jobs, newest first, filtered by status(es), batch and creation time.
+
+        ``limit`` is 1 to 1000. Raises ValueError for an unknown status or a malformed cursor.
+        """
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        stmt = self._filtered(select(Job), tenant_id, status, batch_id, since)
+        if cursor is not None:
+            when, last_id = _decode_cursor(cursor)
+            stmt = stmt.where(or_(Job.created_at < when, (Job.created_at == when) & (Job.id < last_id)))
+        stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+        with self._db.read() as s:
+            jobs = list(s.scalars(stmt))
+        more = len(jobs) > limit
+        jobs = jobs[:limit]
+        return JobPage(jobs, _encode_cursor(jobs[-1]) if more else None)
+
+    def count_jobs(
+        self,
+        tenant_id: str,
+        *,
+        status: str | Sequence[str] | None = None,
+        batch_id: str | None = None,
+        since: datetime | None = None,
+    ) -> int:
+        """How many of the tenant's jobs match the filters."""
+        stmt = self._filtered(select(func.count()).select_from(Job), tenant_id, status, batch_id, since)
+        with self._db.read() as s:
+            return int(s.scalar(stmt) or 0)
+
+    def iter_job_ids(
+        self,
+        tenant_id: str,
+        *,
+        batch_id: str | None = None,
+        status: str | Sequence[str] | None = "queued",
+        page_size: int = 1000,
+    ) -> Iterator[str]:
+        """The ids of the tenant's matching jobs, in id order, fetched a page at a time (e.g. to
+        send a batch's tasks to the queue without holding them all)."""
+        last = ""
+        while True:
+            stmt = self._filtered(select(Job.id), tenant_id, status, batch_id, None)
+            stmt = stmt.where(Job.id > last).order_by(Job.id).limit(page_size)
+            with self._db.read() as s:
+                ids = list(s.scalars(stmt))
+            yield from ids
+            if len(ids) < page_size:
+                return
+            last = ids[-1]
+
+    def cancel(self, tenant_id: str, job_id: str) -> Job | None:
+        """Cancels the tenant's job if it is queued or running; returns the job as it now stands
+        (a finished job comes back unchanged), or None if the tenant has no such job."""
+
+        def work(s: Session) -> Job | None:
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))
+                .values(status="cancelled", finished_at=utcnow())
+            )
+            return s.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+        return self._db.transact(work)
+
+    # -- worker side (by job id) ----------------------------------------------------------------
+
+    def mark_running(self, job_ids: Sequence[str], worker: str) -> list[JobClaim]:
+        """Marks queued (or redelivered running) jobs as running on ``worker`` and counts the attempt.
+
+        Returns the claims for the jobs that may run; a cancelled, finished or unknown job is left
+        out, and a job past its ``expires_at`` is marked expired and left out.
+        """
+        if not job_ids:
+            return []
+        ids = sorted(set(job_ids))
+
+        def work(s: Session) -> list[JobClaim]:
+            now = utcnow()
+            late = _JOBS.c.expires_at < now
+            rows = s.execute(
+                update(_JOBS)
+                .where(among(_JOBS.c.id, ids, s.get_bind().dialect.name), _JOBS.c.status.in_(ACTIVE))
+                .values(
+                    status=case((late, "expired"), else_="running"),
+                    attempts=case((late, _JOBS.c.attempts), else_=_JOBS.c.attempts + 1),
+                    started_at=case((late, _JOBS.c.started_at), else_=now),
+                    finished_at=case((late, now), else_=None),
+                    worker=case((late, _JOBS.c.worker), else_=worker),
+                    error_code=case((late, "expired"), else_=None),
+                    error_message=case((late, "the job expired before a worker could start it"), else_=None),
+                )
+                .returning(
+                    _JOBS.c.status,
+                    _JOBS.c.id,
+                    _JOBS.c.tenant_id,
+                    _JOBS.c.api_key_id,
+                    _JOBS.c.model,
+                    _JOBS.c.kind,
+                    _JOBS.c.priority,
+                    _JOBS.c.request,
+                    _JOBS.c.attempts,
+                    _JOBS.c.created_at,
+                    _JOBS.c.expires_at,
+                )
+            )
+            claims = [JobClaim(*row[1:]) for row in rows if row[0] == "running"]
+            return sorted(claims, key=lambda c: c.id)
+
+        return self._db.transact(work)
+
+    def record_results(self, finished: Sequence[FinishedJob]) -> RecordOutcome:
+        """Records finished jobs: result, usage row, status ``succeeded``, all in one transaction.
+
+        Idempotent: a job that already has a result is reported in ``duplicates`` and nothing of it
+        is written again (the primary keys of ``results`` and ``usage`` enforce it, so concurrent
+        writers of the same job cannot both count). Ids with no job are reported in ``unknown``.
+        A job cancelled or expired meanwhile keeps its status, but its result and usage are kept:
+        the tokens were spent.
+        """
+        if not finished:
+            return RecordOutcome()
+        by_id: dict[str, FinishedJob] = {}
+        repeated: list[str] = []
+        for f in finished:
+            if f.job_id in by_id:
+                repeated.append(f.job_id)
+            else:
+                by_id[f.job_id] = f
+        # One lock order for every writer (sorted ids), so concurrent batches cannot deadlock.
+        ids = sorted(by_id)
+        return self._db.transact(lambda s: _record(s, ids, by_id, repeated))
+
+    def mark_failed(self, failures: Sequence[JobFailure]) -> int:
+        """Marks queued or running jobs as failed with their error; returns how many changed."""
+        if not failures:
+            return 0
+        now = utcnow()
+        params = [
+            {"b_id": f.job_id, "b_code": f.code[:64], "b_message": f.message, "b_now": now}
+            for f in sorted(failures, key=lambda f: f.job_id)
+        ]
+        stmt = (
+            update(_JOBS)
+            # Literal statuses: an expanding IN cannot be used in an executemany.
+            .where(
+                _JOBS.c.id == bindparam("b_id"), or_(*(_JOBS.c.status == literal_column(f"'{st}'") for st in ACTIVE))
+            )
+            .values(
+                status="failed",
+                error_code=bindparam("b_code"),
+                error_message=bindparam("b_message"),
+                finished_at=bindparam("b_now"),
+            )
+        )
+        return self._db.transact(lambda s: s.connection().execute(stmt, params).rowcount)
+
+    def requeue(self, job_ids: Sequence[str]) -> int:
+        """Puts running jobs back to queued (a retry after a transient failure); returns how many."""
+        return self._set_status(job_ids, "queued", ("running",))
+
+    def expire(self, job_ids: Sequence[str]) -> int:
+        """Marks queued or running jobs as expired; returns how many changed."""
+        return self._set_status(job_ids, "expired", ACTIVE)
+
+    def _set_status(self, job_ids: Sequence[str], status: str, allowed_from: Sequence[str]) -> int:
+        if not job_ids:
+            return 0
+        values: dict[str, Any] = {"status": status}
+        if status in ("expired", "cancelled", "failed"):
+            values["finished_at"] = utcnow()
+        ids = sorted(set(job_ids))
+
+        def work(s: Session) -> int:
+            where = among(_JOBS.c.id, ids, s.get_bind().dialect.name)
+            return s.execute(update(_JOBS).where(where, _JOBS.c.status.in_(allowed_from)).values(**values)).rowcount
+
+        return self._db.transact(work)
+
+
+def _record(s: Session, ids: list[str], by_id: dict[str, FinishedJob], repeated: list[str]) -> RecordOutcome:
+    if s.get_bind().dialect.name == "postgresql":
+        return _record_postgresql(s, ids, by_id, repeated)
+    return _record_portable(s, ids, by_id, repeated)
+
+
+def _record_portable(s: Session, ids: list[str], by_id: dict[str, FinishedJob], repeated: list[str]) -> RecordOutcome:
+    """Four statements (read jobs, insert results, insert usage, update jobs), each a bulk one."""
+    dialect = s.get_bind().dialect.name
+    conn = s.connection()
+    jobs = {
+        row.id: row
+        for row in conn.execute(
+            select(_JOBS.c.id, _JOBS.c.tenant_id, _JOBS.c.api_key_id, _JOBS.c.model, _JOBS.c.attempts).where(
+                _JOBS.c.id.in_(ids)
+            )
+        )
+    }
+    unknown = [i for i in ids if i not in jobs]
+    known = [i for i in ids if i in jobs]
+    if not known:
+        return RecordOutcome([], repeated, unknown)
+    now = utcnow()
+    result_rows = [
+        {
+            "job_id": i,
+            "output_text": by_id[i].output_text,
+            "finish_reason": by_id[i].finish_reason,
+            "token_ids": by_id[i].token_ids,
+            "logprobs": by_id[i].logprobs,
+            "created_at": now,
+        }
+        for i in known
+    ]
+    inserted = set(
+        conn.execute(insert_ignoring(dialect, _RESULTS, ["job_id"]).returning(_RESULTS.c.job_id), result_rows).scalars()
+    )
+    recorded = [i for i in known if i in inserted]
+    duplicates = [i for i in known if i not in inserted] + repeated
+    if recorded:
+        day, hour = now.date(), now.hour
+        usage_rows = []
+        for i in recorded:
+            f, job = by_id[i], jobs[i]
+            usage_rows.append(
+                {
+                    "job_id": i,
+                    "tenant_id": job.tenant_id,
+                    "api_key_id": job.api_key_id,
+                    "model": job.model,
+                    "attempt": max(job.attempts, 1),
+                    "prompt_tokens": f.prompt_tokens,
+                    "cached_prompt_tokens": f.cached_prompt_tokens,
+                    "completion_tokens": f.completion_tokens,
+                    "queue_ms": f.queue_ms,
+                    "ttft_ms": f.ttft_ms,
+                    "total_ms": f.total_ms,
+                    "worker": f.worker[:200],
+                    "device": f.device[:64],
+                    "created_at": now,
+                    "day": day,
+                    "hour": hour,
+                }
+            )
+        conn.execute(insert_ignoring(dialect, _USAGE, ["job_id"]), usage_rows)
+        conn.execute(
+            update(_JOBS)
+            .where(_JOBS.c.id.in_(recorded), _JOBS.c.status.in_(ACTIVE))
+            .values(status="succeeded", finished_at=now, error_code=None, error_message=None)
+        )
+    return RecordOutcome(recorded, duplicates, unknown)
+
+
+# PostgreSQL: the whole write is one statement over arrays (one round trip, one plan, and the
+# parameters travel as a dozen arrays instead of thousands of scalars). The data-modifying CTEs
+# share one snapshot; ON CONFLICT on the primary keys keeps it idempotent under concurrency.
+_RECORD_PG = """
+WITH input AS (
+    SELECT * FROM unnest(
+        %(job_id)s::varchar[], %(output_text)s::text[], %(finish_reason)s::varchar[],
+        %(token_ids)s::text[], %(logprobs)s::text[], %(prompt_tokens)s::int[],
+        %(cached_prompt_tokens)s::int[], %(completion_tokens)s::int[], %(queue_ms)s::float8[],
+        %(ttft_ms)s::float8[], %(total_ms)s::float8[], %(worker)s::varchar[], %(device)s::varchar[]
+    ) AS t(job_id, output_text, finish_reason, token_ids, logprobs, prompt_tokens,
+           cached_prompt_tokens, completion_tokens, queue_ms, ttft_ms, total_ms, worker, device)
+), known AS (
+    -- OFFSET 0 keeps the lookup a primary-key probe per finished job, whatever the statistics say
+    -- (a freshly loaded jobs table has none, and a hash join would scan all of it).
+    SELECT input.*, j.tenant_id, j.api_key_id, j.model, j.attempts
+    FROM input CROSS JOIN LATERAL (
+        SELECT tenant_id, api_key_id, model, attempts FROM jobs WHERE jobs.id = input.job_id OFFSET 0
+    ) j
+), inserted AS (
+    INSERT INTO results (job_id, output_text, finish_reason, token_ids, logprobs, created_at)
+    SELECT job_id, output_text, finish_reason, token_ids::json, logprobs::json, %(now)s
+    FROM known ORDER BY job_id
+    ON CONFLICT (job_id) DO NOTHING
+    RETURNING job_id
+), counted AS (
+    INSERT INTO usage (job_id, tenant_id, api_key_id, model, attempt, prompt_tokens,
+                       cached_prompt_tokens, completion_tokens, queue_ms, ttft_ms, total_ms,
+                       worker, device, created_at, day, hour)
+    SELECT k.job_id, k.tenant_id, k.api_key_id, k.model, greatest(k.attempts, 1), k.prompt_tokens,
+           k.cached_prompt_tokens, k.completion_tokens, k.queue_ms, k.ttft_ms, k.total_ms,
+           k.worker, k.device, %(now)s, %(day)s, %(hour)s
+    FROM known k JOIN inserted USING (job_id) ORDER BY k.job_id
+    ON CONFLICT (job_id) DO NOTHING
+), finished AS (
+    UPDATE jobs SET status = 'succeeded', finished_at = %(now)s, error_code = NULL, error_message = NULL
+    FROM inserted
+    WHERE jobs.id = inserted.job_id AND jobs.status IN ('queued', 'running')
+)
+SELECT known.job_id, inserted.job_id IS NOT NULL FROM known LEFT JOIN inserted USING (job_id)
+"""
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _record_postgresql(s: Session, ids: list[str], by_id: dict[str, FinishedJob], repeated: list[str]) -> RecordOutcome:
+    now = utcnow()
+    done = [by_id[i] for i in ids]
+    params = {
+        "job_id": ids,
+        "output_text": [f.output_text for f in done],
+        "finish_reason": [f.finish_reason for f in done],
+        "token_ids": [_json_or_none(f.token_ids) for f in done],
+        "logprobs": [_json_or_none(f.logprobs) for f in done],
+        "prompt_tokens": [f.prompt_tokens for f in done],
+        "cached_prompt_tokens": [f.cached_prompt_tokens for f in done],
+        "completion_tokens": [f.completion_tokens for f in done],
+        "queue_ms": [float(f.queue_ms) for f in done],
+        "ttft_ms": [float(f.ttft_ms) for f in done],
+        "total_ms": [float(f.total_ms) for f in done],
+        "worker": [f.worker[:200] for f in done],
+        "device": [f.device[:64] for f in done],
+        "now": now,
+        "day": now.date(),
+        "hour": now.hour,
+    }
+    status: dict[str, bool] = {row[0]: row[1] for row in s.connection().exec_driver_sql(_RECORD_PG, params)}
+    recorded = [i for i in ids if status.get(i) is True]
+    duplicates = [i for i in ids if status.get(i) is False] + repeated
+    unknown = [i for i in ids if i not in status]
+    return RecordOutcome(recorded, duplicates, unknown)

@@ -1,0 +1,54 @@
+"""Small helpers shared by the query modules: ids, clock, dialect-specific insert."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, Table, any_, bindparam
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.dml import Insert
+
+T = TypeVar("T")
+
+
+def new_id(prefix: str) -> str:
+    """A fresh random id such as ``job_3f2a...`` (prefix, then 32 hex digits)."""
+    return prefix + uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+def insert_ignoring(dialect: str, table: Table, conflict_columns: Sequence[str]) -> Insert:
+    """``INSERT ... ON CONFLICT (conflict_columns) DO NOTHING`` for SQLite and PostgreSQL.
+
+    Conflicts on any other unique constraint still raise.
+    """
+    module = postgresql if dialect == "postgresql" else sqlite
+    return module.insert(table).on_conflict_do_nothing(index_elements=list(conflict_columns))
+
+
+def among(column: ColumnElement[Any], values: Sequence[Any], dialect: str) -> ColumnElement[bool]:
+    """``column IN values``. On PostgreSQL it is ``column = ANY(:array)``: one parameter instead
+    of thousands, and the server hashes the array, so a scan never compares each row to each value."""
+    if dialect == "postgresql":
+        array = bindparam(None, list(values), type_=postgresql.ARRAY(column.type))
+        return column == any_(array)
+    return column.in_(list(values))
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Yields lists of at most ``size`` items."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,147 @@
+"""Plain data passed into and out of the store (dataclasses, no SQL)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+
+from store.models import Job
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job to create. ``request`` is the validated request body (prompt or messages, sampling).
+
+    ``idempotency_key``: the same key from the same tenant returns the job created first.
+    ``id`` may be given (e.g. to reuse a Celery task id); otherwise the store makes one.
+    """
+
+    model: str
+    request: dict[str, Any]
+    kind: str = "interactive"
+    priority: int = 0
+    api_key_id: str | None = None
+    idempotency_key: str | None = None
+    batch_id: str | None = None
+    custom_id: str | None = None
+    expires_at: datetime | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class CreatedJob:
+    """The outcome of creating one job: its id, and False when an idempotency key matched an old job."""
+
+    id: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class JobClaim:
+    """What a worker needs to run a job it has just marked running."""
+
+    id: str
+    tenant_id: str
+    api_key_id: str | None
+    model: str
+    kind: str
+    priority: int
+    request: dict[str, Any]
+    attempts: int
+    created_at: datetime | None = None
+    expires_at: datetime | None = None  # the job's deadline: past it, the worker stops it as expired
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """A finished generation with its token accounting, as a worker reports it.
+
+    Times are milliseconds: ``queue_ms`` from creation to start, ``ttft_ms`` to the first token,
+    ``total_ms`` from start to finish.
+    """
+
+    job_id: str
+    output_text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
+    queue_ms: float = 0.0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+    worker: str = ""
+    device: str = ""
+    token_ids: list[int] | None = None
+    logprobs: list[Any] | None = None
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """Which finished jobs were recorded now, which already had a result, which do not exist."""
+
+    recorded: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    """A job that failed: a short machine-readable code and a message for the user."""
+
+    job_id: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of a job listing; pass ``next_cursor`` back to get the next (None: no more)."""
+
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class UsageBucket:
+    """Token totals for one group (the group fields not asked for are None)."""
+
+    model: str | None
+    api_key_id: str | None
+    day: date | None
+    hour: int | None
+    requests: int
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """Request counts of a batch. ``failed`` includes expired requests; ``pending`` is queued or running."""
+
+    total: int
+    completed: int
+    failed: int
+    cancelled: int
+    pending: int
+
+
+@dataclass
+class IngestReport:
+    """The outcome of turning a batch input file into jobs. ``errors`` holds at most a few dozen
+    entries of ``{"code", "message", "line"}`` (OpenAI's batch error shape)."""
+
+    batch_id: str
+    total: int
+    errors: list[dict[str, Any]]
+
+    @property
+    def ok(self) -> bool:
+        """True when every line became a job."""
+        return not self.errors
