@@ -68,6 +68,8 @@ class EngineStats:
     prefix_cache_hit_tokens: int
     preemptions: int
     steps: int
+    last_batch_size: int  # requests that ran in the latest step
+    peak_batch_size: int  # most requests that ran together in one step so far
 
 
 class Engine:
@@ -99,13 +101,17 @@ class Engine:
         self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.info, self.num_blocks, config.block_size,
-                                  self.device, self.dtype)
+                                  self.device, self.dtype, max_num_seqs=config.max_num_seqs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
+                                  max_model_len=self.max_model_len, enforce_eager=config.enforce_eager)
         self.sampler = Sampler(self.info.vocab_size, self.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._seq_of: dict[int, tuple[_Group, _Sequence]] = {}
         self._prompt_tokens = 0
         self._generated_tokens = 0
         self._steps = 0
+        self._last_batch = 0
+        self._peak_batch = 0
 
     # -- sizing ------------------------------------------------------------------------------
     def _num_kv_blocks(self) -> int:
@@ -114,8 +120,10 @@ class Engine:
             return c.num_kv_blocks
         per_block = ModelRunner.kv_bytes_per_block(self.info, c.block_size, self.dtype)
         if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            budget = int(free * c.gpu_memory_utilization)
+            # What a full step needs is measured by running one, so the pool takes the rest.
+            budget = ModelRunner.profile_kv_cache_bytes(
+                self.model, self.info, self.device, c.max_num_batched_tokens, c.max_num_seqs,
+                c.block_size, c.gpu_memory_utilization)
         else:
             budget = c.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
         # More blocks than every sequence at full length could use is memory for nothing.
@@ -214,6 +222,8 @@ class Engine:
         sample_rows = [i for i, (r, n) in enumerate(zip(batch.requests, batch.num_tokens))
                        if r.num_computed_tokens + n == r.num_tokens]
         logits = self.runner.execute(batch.requests, batch.num_tokens, sample_rows)
+        self._last_batch = len(batch.requests)
+        self._peak_batch = max(self._peak_batch, self._last_batch)
         self.scheduler.after_step(batch)
         self._steps += 1
         sampled_reqs = [batch.requests[i] for i in sample_rows]
@@ -241,14 +251,15 @@ class Engine:
         self._generated_tokens += 1
         reason = check_stop_token(req, token, self.eos_token_ids)
         if reason is not None:
-            req.stop_reason = token
+            if token in req.params.stop_token_ids:
+                req.stop_reason = token  # EOS reports no stop reason, as OpenAI-style APIs do
             self._finish(seq, reason)
             return
         if seq.detok is not None:
             new_text = seq.detok.step([token])
             if new_text:
                 seq.text += new_text
-                if req.params.stop:
+                if req.params.stop and len(req.output_token_ids) >= req.params.min_tokens:
                     hit = find_stop(seq.text, len(new_text), req.params.stop)
                     if hit is not None:
                         index, stop = hit
@@ -257,6 +268,8 @@ class Engine:
                         self._finish(seq, "stop")
                         return
         if len(req.output_token_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            if seq.detok is not None:
+                seq.text += seq.detok.flush()  # a character left incomplete at the end
             self._finish(seq, "length")
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
@@ -308,7 +321,7 @@ class Engine:
             kv_blocks_used=self.kv.num_used_blocks, kv_blocks_total=self.num_blocks,
             prompt_tokens_total=self._prompt_tokens, generated_tokens_total=self._generated_tokens,
             prefix_cache_hit_tokens=self.kv.hits, preemptions=self.scheduler.num_preemptions,
-            steps=self._steps)
+            steps=self._steps, last_batch_size=self._last_batch, peak_batch_size=self._peak_batch)
 
     @property
     def model_info(self) -> ModelInfo:

@@ -230,6 +230,14 @@ class JobStore:
         with self._db.read() as s:
             return int(s.scalar(stmt) or 0)
 
+    def count_by_status(self) -> dict[str, int]:
+        """How many jobs of every tenant are in each status (for operators' metrics)."""
+        stmt = select(Job.status, func.count()).group_by(Job.status)
+        with self._db.read() as s:
+            counts = {status: 0 for status in JOB_STATUSES}
+            counts.update({status: int(n) for status, n in s.execute(stmt)})
+            return counts
+
     def iter_job_ids(
         self,
         tenant_id: str,

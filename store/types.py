@@ -114,6 +114,7 @@ class UsageBucket:
     prompt_tokens: int
     cached_prompt_tokens: int
     completion_tokens: int
+    tenant_id: str | None = None
 
     @property
     def total_tokens(self) -> int:

@@ -7,6 +7,7 @@ import typer
 
 from tokenmill.cli_db import db_app
 from tokenmill.cli_generate import generate_command
+from tokenmill.cli_worker import worker_command
 
 app = typer.Typer(
     name="tokenmill",
@@ -15,12 +16,14 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("generate")(generate_command)
+app.command("worker")(worker_command)
 app.add_typer(db_app, name="db")
 
 
 @app.callback()
 def _root() -> None:
     """tokenmill: LLM generation jobs on your own GPUs (or CPU)."""
+
 
 def main() -> None:
     """Console-script entry point."""

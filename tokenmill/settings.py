@@ -23,6 +23,23 @@ class Settings:
     database_url: str
     redis_url: str = "redis://127.0.0.1:6379/0"
     model: str = "smollm2-135m-instruct"
+    # workers
+    worker_concurrency: int = 64  # tasks a worker holds at once (each waits on the shared engine)
+    max_num_seqs: int = 256  # sequences in one engine batch
+    max_attempts: int = 3  # starts of a job before it is failed instead of retried
+    visibility_timeout_s: int = 3600  # a lost worker's tasks return to the queue after this
+    # HTTP API (`tokenmill api`)
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_workers: int = 1  # uvicorn worker processes
+    admin_key: str = ""  # bearer key of the admin endpoints; empty: admin endpoints refuse everyone
+    served_models: str = ""  # "name=model_dir,name2=dir2"; empty: the one `model` above
+    queue_limit: int = 10_000  # interactive tasks a model's queue may hold before new ones get 429
+    max_body_bytes: int = 4 * 1024 * 1024  # JSON request bodies
+    max_file_bytes: int = 512 * 1024 * 1024  # uploaded files
+    batch_max_lines: int = 50_000  # requests in one batch input file
+    default_max_tokens: int = 512  # chat completions that name no max_tokens (capped by the context)
+    sync_timeout_s: float = 600.0  # how long a synchronous completion waits for its job
 
     @property
     def model_cache_dir(self) -> Path:
@@ -43,5 +60,22 @@ class Settings:
         for f in fields(cls):
             key = "TOKENMILL_" + f.name.upper()
             if f.name not in values and key in env:
-                values[f.name] = env[key]
+                values[f.name] = _convert(key, env[key], f.type)
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _convert(key: str, raw: str, type_name: object) -> object:
+    """Parses an environment value by its field's type; a bad value names the variable."""
+    kind = str(type_name)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes", "on")
+    except ValueError:
+        raise ValueError(f"{key}={raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,67 @@
+"""`tokenmill worker`: a GPU-pinned (or CPU) worker process, or one per visible GPU."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+import typer
+
+
+def worker_command(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or built-in name [default: TOKENMILL_MODEL]."),
+    served_name: Optional[str] = typer.Option(None, help="Name clients use for the model [default: the model's name]."),
+    gpu: Optional[int] = typer.Option(None, "--gpu", help="Pin this worker to one GPU index."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help='"all": one worker process per visible GPU.'),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, or cuda (default: cuda if --gpu is given, else cpu)."),
+    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
+    concurrency: Optional[int] = typer.Option(None, help="Tasks held at once [default: TOKENMILL_WORKER_CONCURRENCY]."),
+    max_num_seqs: Optional[int] = typer.Option(None, help="Sequences per engine batch [default: TOKENMILL_MAX_NUM_SEQS]."),
+    hostname: Optional[str] = typer.Option(None, help="Celery node name [default: model-device-pid@host]."),
+    loglevel: str = typer.Option("INFO", help="Log level."),
+) -> None:
+    """Run a worker that takes the model's jobs from Redis and runs them on the engine."""
+    from tokenmill.settings import Settings
+
+    settings = Settings.from_env()
+    model = model or settings.model
+    served = served_name or os.path.basename(os.path.normpath(model))
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if gpus is not None:
+        if gpus != "all":
+            raise typer.BadParameter('only "all" is accepted', param_hint="--gpus")
+        from workers.main import supervise, visible_gpu_count
+
+        n = visible_gpu_count()
+        if n == 0:
+            typer.echo("no GPU is visible (nvidia-smi finds none); run with --device cpu", err=True)
+            raise typer.Exit(2)
+        base = [sys.executable, "-m", "tokenmill.cli", "worker", "--model", model, "--served-name", served,
+                "--dtype", dtype, "--loglevel", loglevel]
+        for flag, value in (("--concurrency", concurrency), ("--max-num-seqs", max_num_seqs)):
+            if value is not None:
+                base += [flag, str(value)]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(n)]
+        raise typer.Exit(supervise([base + ["--gpu", "0", "--device", "cuda"] for _ in ids],
+                                   [{"CUDA_VISIBLE_DEVICES": d} for d in ids]))
+    if gpu is not None:
+        # Pinning must happen before torch is imported (by the engine, below).
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is None or "," in os.environ["CUDA_VISIBLE_DEVICES"]:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        device = device or "cuda"
+    device = device or "cpu"
+    if device.startswith("cuda") and device != "cuda":
+        device = "cuda"  # the pinned GPU is always index 0 inside the process
+
+    from workers.main import WorkerOptions, run_worker
+
+    run_worker(WorkerOptions(
+        model=model, served_model=served, device=device, dtype=dtype,
+        database_url=settings.database_url, redis_url=settings.redis_url,
+        concurrency=concurrency or settings.worker_concurrency,
+        max_num_seqs=max_num_seqs or settings.max_num_seqs, max_attempts=settings.max_attempts,
+        visibility_timeout_s=settings.visibility_timeout_s, cache_dir=str(settings.model_cache_dir),
+        loglevel=loglevel.upper(), hostname=hostname))

@@ -1,0 +1,171 @@
+"""One engine, many waiting tasks: the thread that runs the engine's step loop for a worker.
+
+Celery runs each task in a thread of its own; a task hands its request to the loop and waits on a
+future. The loop adds whatever has arrived before each step, so a request submitted while others
+run joins the very next step, and every in-flight request of the process advances in the same
+batch. A crash of the engine fails every pending future with `EngineCrashed`; the worker then
+exits so its unacknowledged tasks are redelivered elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+OnDelta = Callable[[str, Any], None]  # (request id, RequestOutput) for each step that changed it
+
+
+class EngineCrashed(RuntimeError):
+    """The engine's step raised: nothing it held can be trusted to finish."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: Any
+    messages: Any
+    params: Any
+    priority: int
+    future: Future
+    on_delta: OnDelta | None
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class EngineLoop:
+    """Owns an `engine.Engine` and steps it on a background thread."""
+
+    def __init__(self, engine: Any, *, on_stats: Callable[[Any, float], None] | None = None,
+                 on_crash: Callable[[BaseException], None] | None = None,
+                 stats_interval_s: float = 1.0) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._pending: dict[str, tuple[Future, OnDelta | None]] = {}
+        self._on_stats = on_stats
+        self._on_crash = on_crash
+        self._stats_interval = stats_interval_s
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._stopping = False
+        self.crashed: BaseException | None = None
+        self.tokens_per_s = 0.0
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stops the loop after the current step (requests still held are aborted)."""
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, request_id: str, *, prompt: Any = None, messages: Any = None, params: Any = None,
+               priority: int = 0, on_delta: OnDelta | None = None) -> Future:
+        """Hands a request to the loop; the future resolves to its final RequestOutput, or raises
+        ValueError (the engine rejected it) or EngineCrashed."""
+        fut: Future = Future()
+        if self.crashed is not None:
+            fut.set_exception(EngineCrashed(f"the engine crashed earlier: {self.crashed!r}"))
+            return fut
+        self._inbox.put(_Add(request_id, prompt, messages, params, priority, fut, on_delta))
+        return fut
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request at the next step; its future resolves with finish reason "abort"."""
+        self._inbox.put(_Abort(request_id))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, item: _Add | _Abort | None) -> None:
+        if item is None:
+            return
+        if isinstance(item, _Abort):
+            out = self.engine.abort(item.request_id)
+            if out is not None:
+                self._resolve(out)
+            return
+        try:
+            self.engine.add_request(item.request_id, item.prompt, item.params, messages=item.messages,
+                                    priority=item.priority)
+        except ValueError as e:
+            item.future.set_exception(e)
+            return
+        self._pending[item.request_id] = (item.future, item.on_delta)
+
+    def _resolve(self, out: Any) -> None:
+        fut, _ = self._pending.pop(out.request_id, (None, None))
+        if fut is not None and not fut.done():
+            fut.set_result(out)
+
+    def _run(self) -> None:
+        last_stats = time.monotonic()
+        window_tokens, window_start = 0, time.monotonic()
+        try:
+            while not self._stopping:
+                self._take_inbox(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    outs = self.engine.step()
+                    for out in outs:
+                        window_tokens += sum(len(c.delta_token_ids) for c in out.outputs)
+                        _, on_delta = self._pending.get(out.request_id, (None, None))
+                        if on_delta is not None:
+                            try:
+                                on_delta(out.request_id, out)
+                            except Exception:  # a streaming hiccup must not stop generation
+                                log.exception("streaming callback failed for %s", out.request_id)
+                        if out.finished:
+                            self._resolve(out)
+                now = time.monotonic()
+                if now - last_stats >= self._stats_interval:
+                    self.tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+                    window_tokens, window_start = 0, now
+                    last_stats = now
+                    if self._on_stats is not None:
+                        try:
+                            self._on_stats(self.engine.stats(), self.tokens_per_s)
+                        except Exception:
+                            log.exception("publishing engine stats failed")
+        except BaseException as e:  # noqa: BLE001 - everything held must learn of the crash
+            self.crashed = e
+            log.critical("engine loop crashed: %r", e, exc_info=True)
+            for fut, _ in list(self._pending.values()):
+                if not fut.done():
+                    fut.set_exception(EngineCrashed(repr(e)))
+            self._pending.clear()
+            self._fail_inbox(e)
+            if self._on_crash is not None:
+                self._on_crash(e)
+
+    def _fail_inbox(self, e: BaseException) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Add) and not item.future.done():
+                item.future.set_exception(EngineCrashed(repr(e)))

@@ -1,0 +1,139 @@
+"""Starting a worker process: load the engine (once), then consume the model's queue.
+
+The caller pins the GPU (`CUDA_VISIBLE_DEVICES`) before this module is imported, since importing
+the engine imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What `tokenmill worker` was asked to run."""
+
+    model: str
+    served_model: str
+    device: str
+    dtype: str
+    database_url: str
+    redis_url: str
+    concurrency: int
+    max_num_seqs: int
+    max_attempts: int
+    visibility_timeout_s: int
+    cache_dir: str | None = None
+    loglevel: str = "INFO"
+    hostname: str | None = None
+
+
+def device_label(device: str) -> str:
+    """A readable name for usage rows: "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3)"."""
+    if not device.startswith("cuda"):
+        return device
+    import torch
+
+    index = torch.device(device).index or 0
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def run_worker(opts: WorkerOptions) -> None:
+    """Loads the engine, then runs the Celery worker until it is told to stop."""
+    from pathlib import Path
+
+    from engine import Engine, EngineConfig
+    from store.facade import Store
+    from workers.app import QueueConfig, declare_queues, make_celery, queue_for
+    from workers.runtime import WorkerConfig, WorkerRuntime
+    from workers.tasks import register_tasks
+
+    hostname = opts.hostname or f"{opts.served_model}-{opts.device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"
+    log.info("loading %s on %s", opts.model, opts.device)
+    engine = Engine(EngineConfig(model=opts.model, device=opts.device, dtype=opts.dtype,
+                                 max_num_seqs=opts.max_num_seqs,
+                                 cache_dir=Path(opts.cache_dir) if opts.cache_dir else None))
+    store = Store.open(opts.database_url)
+    rt = WorkerRuntime(WorkerConfig(served_model=opts.served_model, hostname=hostname,
+                                    device_label=device_label(opts.device), redis_url=opts.redis_url,
+                                    max_attempts=opts.max_attempts), engine, store).start()
+    app = make_celery(QueueConfig(redis_url=opts.redis_url, visibility_timeout_s=opts.visibility_timeout_s))
+    declare_queues(app, [opts.served_model])
+    register_tasks(app, rt)
+    worker = app.Worker(
+        hostname=hostname, pool="threads", concurrency=opts.concurrency,
+        queues=[queue_for(opts.served_model)], loglevel=opts.loglevel,
+        without_mingle=True, without_gossip=True, task_events=True,
+    )
+    # SIGTERM: Celery's warm shutdown stops consuming and waits for running tasks to finish.
+    log.info("worker %s ready: model %s, queue %s", hostname, opts.served_model, queue_for(opts.served_model))
+    try:
+        worker.start()
+    finally:
+        rt.stop()
+        store.close()
+    code = getattr(worker, "exitcode", 0) or 0
+    if code:
+        raise SystemExit(code)
+
+
+def visible_gpu_count() -> int:
+    """GPUs this host shows, without importing torch (the parent of pinned workers must not
+    initialise CUDA)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([d for d in env.split(",") if d.strip()])
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def supervise(argv_for_gpu: list[list[str]], env_for_gpu: list[dict[str, str]]) -> int:
+    """Runs one worker process per GPU (fresh interpreters, never forks of a CUDA process),
+    restarting any that die, until SIGINT/SIGTERM, which is passed on to all of them."""
+    import subprocess
+    import time
+
+    procs: list[subprocess.Popen | None] = [None] * len(argv_for_gpu)
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p is not None and p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    backoff = [1.0] * len(procs)
+    while True:
+        for i, p in enumerate(procs):
+            if stopping:
+                break
+            if p is None or p.poll() is not None:
+                if p is not None:
+                    log.error("worker for GPU %d exited with %s; restarting in %.0fs", i, p.returncode, backoff[i])
+                    time.sleep(backoff[i])
+                    backoff[i] = min(backoff[i] * 2, 60.0)
+                procs[i] = subprocess.Popen(argv_for_gpu[i], env={**os.environ, **env_for_gpu[i]})
+        if stopping:
+            break
+        time.sleep(0.5)
+    for p in procs:
+        if p is not None:
+            p.wait()
+    return 0

@@ -1,0 +1,95 @@
+"""Batched, idempotent writes of finished jobs to the store, from one thread.
+
+Tasks hand their finished job to the writer and wait for it to be stored before they return (the
+task is acknowledged only then). The writer gathers whatever has arrived, up to `max_batch`, and
+records it in one transaction, so a worker finishing hundreds of jobs a second makes a few writes a
+second. A failed write (the database restarting, say) is retried with backoff and never dropped;
+the store's primary keys make a repeated write a no-op, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class ResultWriter:
+    """A background thread that records `store.types.FinishedJob`s in batches."""
+
+    def __init__(self, store: Any, *, max_batch: int = 512, max_wait_s: float = 0.05,
+                 max_backoff_s: float = 5.0) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_backoff_s = max_backoff_s
+        self._inbox: queue.SimpleQueue[tuple[Any, Future] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
+        self._stopping = False
+        self.batches_written = 0
+        self.jobs_written = 0
+
+    def start(self) -> "ResultWriter":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Writes what is queued, then stops."""
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, finished: Any) -> Future:
+        """Queues one finished job; the future resolves to True once it is stored (False when the
+        job already had a result: a redelivered task)."""
+        fut: Future = Future()
+        self._inbox.put((finished, fut))
+        return fut
+
+    def _gather(self) -> list[tuple[Any, Future]]:
+        try:
+            first = self._inbox.get(timeout=0.5)
+        except queue.Empty:
+            return []
+        items = [] if first is None else [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(items) < self.max_batch:
+            timeout = deadline - time.monotonic()
+            try:
+                item = self._inbox.get(timeout=max(timeout, 0)) if timeout > 0 else self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                items.append(item)
+        return items
+
+    def _run(self) -> None:
+        while True:
+            items = self._gather()
+            if not items:
+                if self._stopping and self._inbox.empty():
+                    return
+                continue
+            self._write(items)
+
+    def _write(self, items: list[tuple[Any, Future]]) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                outcome = self.store.jobs.record_results([f for f, _ in items])
+                break
+            except Exception as e:  # noqa: BLE001 - the database may be restarting: retry, never drop
+                log.warning("recording %d results failed (%r); retrying in %.1fs", len(items), e, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+        recorded = set(outcome.recorded)
+        self.batches_written += 1
+        self.jobs_written += len(recorded)
+        for finished, fut in items:
+            if not fut.done():
+                fut.set_result(finished.job_id in recorded)
