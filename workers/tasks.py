@@ -39,11 +39,10 @@ def register_tasks(app: Celery, rt: WorkerRuntime) -> None:
 def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[str, int]:
     """Runs the given jobs to a final state in the store. Returns counts by outcome."""
     counts = {"succeeded": 0, "failed": 0, "skipped": 0, "expired": 0, "duplicate": 0}
-    started_wall = time.time()
     claims = rt.store.jobs.mark_running(job_ids, rt.config.hostname)
     counts["skipped"] = len(set(job_ids)) - len(claims)  # cancelled, finished, expired or unknown
     failures: list[JobFailure] = []
-    running: list[tuple[Any, Future, bool]] = []
+    running: list[tuple[Any, Future, bool, float]] = []
     for claim in claims:
         if claim.attempts > rt.config.max_attempts:
             failures.append(JobFailure(claim.id, "attempts_exhausted",
@@ -58,14 +57,16 @@ def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[
             failures.append(JobFailure(claim.id, "invalid_request", str(e)))
             continue
         stream = bool(request.get("stream"))
+        # Queue time: from the send to the moment the engine gets the request.
+        queue_ms = max(0.0, (time.time() - enqueued_at) * 1000.0)
         priority = claim.priority + (BULK_PRIORITY_OFFSET if claim.kind == "bulk" else 0)
         fut = rt.loop.submit(claim.id, prompt=request.get("prompt"), messages=request.get("messages"),
                              params=params, priority=priority,
                              on_delta=rt.publish_delta if stream else None)
-        running.append((claim, fut, stream))
+        running.append((claim, fut, stream, queue_ms))
 
     writes: list[tuple[str, Future]] = []
-    for claim, fut, stream in running:
+    for claim, fut, stream, queue_ms in running:
         try:
             out = _wait(rt, claim, fut)
         except ValueError as e:  # the engine rejected the request: it fails alone
@@ -80,7 +81,6 @@ def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[
         if out.finish_reason == "abort" and _expired(claim):
             rt.store.jobs.expire([claim.id])
             counts["expired"] += 1
-        queue_ms = max(0.0, (started_wall - enqueued_at) * 1000.0)
         ttft = (out.first_token_time - out.arrival_time) * 1000.0 if out.first_token_time else 0.0
         total = ((out.finish_time or time.monotonic()) - out.arrival_time) * 1000.0
         params = claim.request.get("params") or {}
