@@ -8,11 +8,19 @@ rows that are already done, and those are not counted.
 
     python benchmarks/throughput.py                         # CPU, SmolLM2-135M shape, float32
     python benchmarks/throughput.py --num-prompts 64 --hf-batch-size 16 --json out.json
+
+On CUDA (`--device cuda`) the run is a suite of (model shape, workload) pairs in bf16 with dummy
+weights, each against transformers `generate` (static batches, sdpa) on a subset of the same
+prompts, and against the roofline of the card measured in the same run (benchmarks/roofline.py):
+
+    python benchmarks/throughput.py --device cuda --suite gpu-small --json out.json
+    python benchmarks/throughput.py --device cuda --suite gpu-llama --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -88,6 +96,231 @@ def run_transformers(model_dir: str, prompts, outs, args) -> Result:
     return Result(f"transformers generate (static batches of {args.hf_batch_size})", n, useful, secs)
 
 
+# -- CUDA: the suite of the GPU issue ------------------------------------------------------------
+
+# name: (number of prompts, input length range, output length range), lengths uniform and inclusive
+GPU_WORKLOADS: dict[str, tuple[int, tuple[int, int], tuple[int, int]]] = {
+    "a": (1000, (512, 512), (256, 256)),
+    "b": (1000, (1000, 1000), (1000, 1000)),
+    "c": (256, (100, 1024), (100, 1024)),  # the nano-vllm bench workload
+}
+# Each suite fits one 10-minute call on an H100, model builds and Triton compiles included (gpu-llama
+# took 6.6 minutes on 2026-11-28; gpu-small about 8, most of it the uncapped transformers runs).
+GPU_SUITES: dict[str, list[tuple[str, str]]] = {
+    "gpu-small": [("qwen3-0.6b", "c"), ("qwen3-0.6b", "a"), ("smollm2-135m", "c"), ("smollm2-135m", "a")],
+    "gpu-llama": [("llama-3.1-8b", "a"), ("llama-3.1-8b", "c"), ("llama-3.1-8b", "b")],
+    "gpu-a": [("llama-3.1-8b", "a")],
+    "gpu-b": [("llama-3.1-8b", "b")],
+    "gpu-c": [("qwen3-0.6b", "c")],
+}
+# Everything of the issue in one run (about 15 minutes on an H100, most of it transformers).
+GPU_SUITES["gpu-all"] = GPU_SUITES["gpu-llama"] + GPU_SUITES["gpu-small"]
+# transformers baseline per workload: (batch size, prompts, output cap), run as ceil(prompts / batch)
+# batches. transformers generate measured about 80 ms a decode step on an H100 (overhead, not the
+# GPU), so the long workloads on the 8B model get a per-token rate from a capped run (the first
+# `cap` output tokens of each prompt) instead of minutes of device time.
+HF_RUNS: dict[str, list[tuple[int, int, int | None]]] = {
+    "a": [(32, 32, None), (128, 128, None)], "b": [(32, 32, 128)], "c": [(64, 64, None)]}
+HF_RUNS_8B: dict[str, list[tuple[int, int, int | None]]] = {
+    "a": [(32, 32, None), (128, 128, None)], "b": [(32, 32, 128)], "c": [(64, 64, 128)]}
+
+
+def _gpu_engine_run(llm, prompts, outs, roof) -> dict:
+    """Times one generate over the whole workload; records every step for the roofline."""
+    from engine import SamplingParams
+
+    runner = llm.engine.runner
+    execute = runner.execute
+
+    clock = {"execute": 0.0, "sampler": 0.0}
+    sampler = llm.engine.sampler
+
+    def recorded(requests, num_tokens, sample_rows):
+        t = time.perf_counter()
+        out = execute(requests, num_tokens, sample_rows)
+        clock["execute"] += time.perf_counter() - t
+        q, ctx = runner.last_step
+        roof.record(q, ctx, len(sample_rows))
+        return out
+
+    def timed_sampler(logits, requests):
+        # The step's one wait for the GPU is in here (fetching the token ids); the time outside
+        # execute and the sampler is host work the GPU sits idle through.
+        t = time.perf_counter()
+        out = sampler(logits, requests)
+        clock["sampler"] += time.perf_counter() - t
+        return out
+
+    params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outs]
+    replays0 = runner.graphs.replays if runner.graphs is not None else 0
+    stats0 = llm.engine.stats()
+    runner.execute = recorded
+    llm.engine.sampler = timed_sampler
+    try:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        results = llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        secs = time.perf_counter() - start
+    finally:
+        runner.execute = execute
+        llm.engine.sampler = sampler
+    produced = sum(len(r.outputs[0].token_ids) for r in results)
+    assert produced == sum(outs), (produced, sum(outs))
+    stats = llm.engine.stats()
+    roof.finish()
+    return {
+        "output_tokens": produced, "seconds": secs, "tokens_per_s": produced / secs,
+        "steps": stats.steps - stats0.steps, "graph_replays": (runner.graphs.replays - replays0) if runner.graphs else 0,
+        "preemptions": stats.preemptions - stats0.preemptions,
+        "roofline_seconds": roof.seconds, "roofline_over_measured": roof.seconds / secs,
+        "roofline_decode_steps": roof.decode_steps, "roofline_memory_bound_steps": roof.memory_bound_steps,
+        "bytes_moved_floor": roof.bytes, "flops": roof.flops,
+        "seconds_in_execute": clock["execute"], "seconds_in_sampler": clock["sampler"],
+        "seconds_elsewhere": secs - clock["execute"] - clock["sampler"],
+    }
+
+
+def _gpu_warmup(llm, prompts) -> None:
+    """Short generations at several batch sizes, so Triton compiles its launch variants (prefill
+    and mixed steps; the decode graphs were compiled at capture) before the timing starts."""
+    from engine import SamplingParams
+
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for n in (1, 3, 17, 64, min(len(prompts), 300)):
+        llm.generate(prompts[:n], p)
+    # The timed run must compute every prompt: forget the blocks the warm-up cached.
+    llm.engine.kv.reset_prefix_cache()
+
+
+def _gpu_transformers(config, prompts, outs, batch: int, count: int, device: str) -> dict:
+    """transformers generate in static batches (bf16, sdpa, left padding), useful tokens only."""
+    from transformers import AutoModelForCausalLM
+
+    # Random weights built on the GPU straight from the config: no 16 GB file is written for an
+    # 8B model, and throughput does not depend on the values (they differ from the engine's).
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+
+    def generate(batch_prompts, new):
+        width = max(map(len, batch_prompts))
+        ids = torch.zeros(len(batch_prompts), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(batch_prompts):  # left padding, as decoder-only generation needs
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        with torch.inference_mode():
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+    generate(prompts[:2], 4)  # warm-up: cuBLAS handles, first-call allocations
+    torch.cuda.synchronize()
+    useful = 0
+    start = time.perf_counter()
+    for b in range(0, count, batch):
+        lens = outs[b:b + batch]
+        generate(prompts[b:b + batch], max(lens))
+        useful += sum(lens)
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - start
+    model = None  # the GPU memory goes back before the engine sizes its KV pool
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"batch_size": batch, "prompts": count, "output_tokens": useful, "seconds": secs,
+            "tokens_per_s": useful / secs}
+
+
+def run_gpu_suite(args) -> None:
+    """Runs the chosen (model shape, workload) pairs on one CUDA card; prints a table, writes JSON."""
+    from roofline import (
+        ModelCost,
+        Roofline,
+        measure_copy_bandwidth,
+        measure_matmul_rate,
+    )
+
+    from engine import LLM
+    from engine.loader import dummy_config
+
+    if args.runs:
+        pairs = [tuple(item.split(":")) for item in args.runs.split(",")]
+    else:
+        pairs = GPU_SUITES[args.suite]
+    device = args.device
+    card = torch.cuda.get_device_name(device)
+    bandwidth = measure_copy_bandwidth(device)
+    matmul = measure_matmul_rate(device)
+    torch.cuda.empty_cache()  # the measurement buffers, before anything sizes itself on free memory
+    print(f"{card}; torch {torch.__version__}; copy {bandwidth / 1e9:.0f} GB/s (read + write), "
+          f"bf16 matmul {matmul / 1e12:.0f} TFLOP/s", flush=True)
+    report = {"card": card, "torch": torch.__version__, "copy_bytes_per_s": bandwidth,
+              "matmul_flops_per_s": matmul, "args": vars(args), "runs": []}
+    models: dict[str, list[str]] = {}
+    for shape, workload in pairs:
+        models.setdefault(shape, []).append(workload)
+    for shape, workloads in models.items():
+        config = dummy_config(shape)
+        data = {w: make_workload(GPU_WORKLOADS[w][0], GPU_WORKLOADS[w][1], GPU_WORKLOADS[w][2],
+                                 config.vocab_size, args.seed) for w in workloads}
+        hf: dict[str, list[dict]] = {}
+        if not args.no_hf:  # first, so that its memory is back before the engine sizes its pool
+            for w in workloads:
+                prompts, outs = data[w]
+                hf[w] = []
+                for batch, count, cap in (HF_RUNS_8B if shape == "llama-3.1-8b" else HF_RUNS)[w]:
+                    cap = args.hf_output_cap or cap
+                    capped = [min(o, cap) for o in outs] if cap else outs
+                    r = _gpu_transformers(config, prompts, capped, batch, min(count, len(prompts)), device)
+                    r["output_cap"] = cap
+                    hf[w].append(r)
+                    print(f"  {shape} ({w}) transformers batch {batch}: {r['prompts']} prompts, "
+                          f"output cap {cap}, {r['tokens_per_s']:.0f} tok/s", flush=True)
+        t0 = time.perf_counter()
+        llm = LLM(shape, device=device, dtype="bfloat16", load_format="dummy",
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+        engine = llm.engine
+        kv_gib = engine.num_blocks * engine.runner.kv_bytes_per_block(engine.info, engine.block_size, engine.dtype) / 2**30
+        print(f"  {shape}: engine ready in {time.perf_counter() - t0:.1f} s, KV pool {engine.num_blocks} blocks "
+              f"({kv_gib:.1f} GiB), graphs {engine.runner.graphs.sizes if engine.runner.graphs else 'off'}",
+              flush=True)
+        cost = ModelCost.of(engine.model, engine.info)
+        for w in workloads:
+            prompts, outs = data[w]
+            _gpu_warmup(llm, prompts)
+            r = _gpu_engine_run(llm, prompts, outs, Roofline(cost, bandwidth, matmul))
+            best = max((h["tokens_per_s"] for h in hf.get(w, [])), default=None)
+            r.update(model=shape, workload=w, kv_blocks=engine.num_blocks, kv_gib=kv_gib,
+                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                     cuda_graphs=not args.enforce_eager, transformers=hf.get(w, []),
+                     ratio_to_best_transformers=(r["tokens_per_s"] / best) if best else None)
+            report["runs"].append(r)
+            print(f"  {shape} ({w}): {r['output_tokens']} tokens in {r['seconds']:.1f} s = "
+                  f"{r['tokens_per_s']:.0f} tok/s; roofline {r['roofline_seconds']:.1f} s "
+                  f"({r['roofline_over_measured']:.2f} of measured); {r['steps']} steps, "
+                  f"{r['graph_replays']} graph replays, {r['preemptions']} preemptions; host: "
+                  f"{r['seconds_in_execute']:.1f} s launching, {r['seconds_in_sampler']:.1f} s in the sampler "
+                  f"(waits for the GPU), {r['seconds_elsewhere']:.1f} s elsewhere", flush=True)
+            if args.json:  # after every run: a later one may not finish inside the call's limit
+                with open(args.json, "w") as f:
+                    json.dump(report, f, indent=2)
+        del llm, engine
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    print(f"\n{card}, bf16, dummy weights; copy {bandwidth / 1e9:.0f} GB/s, matmul {matmul / 1e12:.0f} TFLOP/s")
+    print(f"{'model':<14} {'wl':<3} {'engine tok/s':>12} {'hf tok/s (batch)':>22} {'x hf':>6} "
+          f"{'roofline s':>10} {'measured s':>10} {'roof/meas':>9}")
+    for r in report["runs"]:
+        hfs = ", ".join(f"{h['tokens_per_s']:.0f} ({h['batch_size']})" for h in r["transformers"]) or "-"
+        ratio = f"{r['ratio_to_best_transformers']:.2f}" if r["ratio_to_best_transformers"] else "-"
+        print(f"{r['model']:<14} {r['workload']:<3} {r['tokens_per_s']:>12.0f} {hfs:>22} {ratio:>6} "
+              f"{r['roofline_seconds']:>10.2f} {r['seconds']:>10.2f} {r['roofline_over_measured']:>9.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="smollm2-135m", help="dummy-weight model shape (engine.loader.DUMMY_SHAPES)")
@@ -100,10 +333,24 @@ def main() -> None:
     ap.add_argument("--hf-batch-size", type=int, default=32)
     ap.add_argument("--hf-prompts", type=int, default=None, help="run transformers on the first N prompts only")
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default 2048 (CPU), 8192 (CUDA)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--suite", default="gpu-small", choices=sorted(GPU_SUITES),
+                    help="CUDA only: which (model, workload) pairs to run")
+    ap.add_argument("--runs", default=None,
+                    help="CUDA only: explicit pairs instead of a suite, e.g. qwen3-0.6b:c,llama-3.1-8b:a")
+    ap.add_argument("--max-model-len", type=int, default=2048, help="CUDA only")
+    ap.add_argument("--enforce-eager", action="store_true", help="CUDA only: no CUDA graphs")
+    ap.add_argument("--no-hf", action="store_true", help="CUDA only: skip the transformers baseline")
+    ap.add_argument("--hf-output-cap", type=int, default=None,
+                    help="CUDA only: cap every transformers run's outputs at this many tokens (per-token rate)")
     args = ap.parse_args()
+    if args.max_num_batched_tokens is None:
+        args.max_num_batched_tokens = 8192 if args.device.startswith("cuda") else 2048
+    if args.device.startswith("cuda"):
+        run_gpu_suite(args)
+        return
 
     from transformers import AutoModelForCausalLM
 

@@ -1,4 +1,13 @@
-"""The model runner: lays a scheduled step out as one flat batch and runs the model on it."""
+"""The model runner: lays a scheduled step out as one flat batch and runs the model on it.
+
+The batch is built on the host with numpy, in preallocated buffers (pinned on CUDA, so the copies
+to the device are asynchronous and the host never waits for the GPU here); the only wait of a step
+is the caller fetching the sampled token ids. Per-request work is a few list lookups: each live
+request's block ids are kept in a persistent table and only newly added blocks are copied in.
+
+On CUDA, decode-only steps replay a captured CUDA graph (engine.cuda_graphs) unless
+`enforce_eager`; every other step (prefill, chunked prefill, mixed) runs eagerly.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +15,125 @@ import numpy as np
 import torch
 
 from engine.config import ModelInfo
+from engine.cuda_graphs import DecodeGraphs
 from engine.request import Request
 from kernels import AttnMetadata
 
 
+class _StepBuffers:
+    """Host staging for one step's flat batch; numpy views over (pinned) torch tensors."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
+        def buf(n: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n, dtype=dtype, pin_memory=pin)
+
+        self.ids_t = buf(max_tokens, torch.int64)
+        self.positions_t = buf(max_tokens, torch.int64)
+        self.slots_t = buf(max_tokens, torch.int64)
+        self.query_start_t = buf(max_seqs + 1, torch.int32)
+        self.context_lens_t = buf(max_seqs, torch.int32)
+        self.sample_idx_t = buf(max_seqs, torch.int64)
+        # Flat, viewed as [seqs, width] with the step's own width, so a step copies only the
+        # columns it uses.
+        self.tables_t = buf(max_seqs * max_blocks, torch.int32)
+        self.ids, self.positions, self.slots = self.ids_t.numpy(), self.positions_t.numpy(), self.slots_t.numpy()
+        self.query_start, self.context_lens = self.query_start_t.numpy(), self.context_lens_t.numpy()
+        self.sample_idx, self.tables = self.sample_idx_t.numpy(), self.tables_t.numpy()
+        # Recorded after the copies that read these buffers; waited on before they are refilled.
+        self.copied: torch.cuda.Event | None = None
+
+
+class _BlockTables:
+    """Every live request's block ids in one persistent numpy table, a row per request.
+
+    A request's row is extended only by the blocks added since the last step, and rebuilt when its
+    block list was replaced (freed, preempted, re-admitted with cached blocks). Rows of requests
+    that were not in the latest step are reclaimed when the table runs out of rows.
+    """
+
+    def __init__(self, max_seqs: int, max_blocks: int) -> None:
+        self.capacity = 2 * max_seqs + 16
+        self.table = np.zeros((self.capacity, max_blocks), dtype=np.int32)
+        # id(request) -> [request, its block list object, blocks copied, row, last step used]
+        self._state: dict[int, list] = {}
+        self._free_rows = list(range(self.capacity - 1, -1, -1))
+        self._step = 0
+
+    def rows(self, requests: list[Request]) -> tuple[np.ndarray, int]:
+        """Rows of the requests' tables, and the widest table among them (in blocks)."""
+        self._step += 1
+        step = self._step
+        out = np.empty(len(requests), dtype=np.int64)
+        width = 1
+        state, table = self._state, self.table
+        for i, r in enumerate(requests):
+            blocks = r.block_ids
+            st = state.get(id(r))
+            if st is None:
+                st = [r, blocks, 0, self._take_row(), step]
+                state[id(r)] = st
+            elif st[1] is not blocks or len(blocks) < st[2]:
+                st[1], st[2] = blocks, 0
+            n = len(blocks)
+            if n > st[2]:
+                table[st[3], st[2]:n] = blocks[st[2]:]
+                st[2] = n
+            st[4] = step
+            out[i] = st[3]
+            width = max(width, n)
+        return out, width
+
+    def _take_row(self) -> int:
+        if not self._free_rows:
+            stale = [k for k, st in self._state.items() if st[4] != self._step]
+            for k in stale:
+                self._free_rows.append(self._state.pop(k)[3])
+        return self._free_rows.pop()
+
+
 class ModelRunner:
-    """Owns the model and the KV cache tensors; turns a step's requests into logits."""
+    """Owns the model and the KV cache tensors; turns a step's requests into logits.
+
+    `max_num_seqs` and `max_num_batched_tokens` size the host buffers (a step never exceeds
+    them: the scheduler's caps), `max_model_len` the block tables. On CUDA, decode graphs are
+    captured at construction unless `enforce_eager`.
+    """
 
     def __init__(self, model: torch.nn.Module, info: ModelInfo, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, *, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 enforce_eager: bool = False) -> None:
         self.model = model
         self.info = info
         self.block_size = block_size
         self.device = device
+        self.num_blocks = num_blocks
         shape = (num_blocks, block_size, info.num_kv_heads, info.head_dim)
-        # Zeros, not empty: the CPU reference reads whole blocks, and stale NaNs in unused slots
-        # would poison the masked softmax.
+        is_cuda = device.type == "cuda"
+        # The Triton kernels never read a slot before it is written, and the CPU reference masks
+        # unwritten slots, so CUDA skips the fill (a full pass over tens of GB). The CPU pool is
+        # small and zeros cost nothing there.
+        alloc = torch.empty if is_cuda else torch.zeros
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
             for _ in range(info.num_layers)
         ]
+        self.max_model_len = max_model_len or info.max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_blocks_per_seq = -(-self.max_model_len // block_size) + 1
+        max_tokens = max(max_num_batched_tokens, max_num_seqs)
+        # Two sets, used in turn: a set is refilled only once the copies out of it are done, and
+        # that is normally long past when its turn comes again.
+        self._buffers = [_StepBuffers(max_tokens, max_num_seqs, self.max_blocks_per_seq, is_cuda)
+                         for _ in range(2 if is_cuda else 1)]
+        self._turn = 0
+        self._tables = _BlockTables(max_num_seqs, self.max_blocks_per_seq)
+        self.graphs: DecodeGraphs | None = None
+        if is_cuda and not enforce_eager:
+            self.graphs = DecodeGraphs(self._forward_logits, max_num_seqs, self.max_blocks_per_seq,
+                                       self.max_model_len, device)
+            self.graphs.capture()
+        self.last_step: tuple[np.ndarray, np.ndarray] | None = None  # (query lens, context lens)
 
     @staticmethod
     def kv_bytes_per_block(info: ModelInfo, block_size: int, dtype: torch.dtype) -> int:
@@ -33,51 +141,171 @@ class ModelRunner:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * info.num_layers * block_size * info.num_kv_heads * info.head_dim * itemsize
 
-    def prepare(self, requests: list[Request], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
-        """Flat token ids, positions and attention metadata for the step."""
-        bs = self.block_size
-        starts = np.fromiter((r.num_computed_tokens for r in requests), dtype=np.int64, count=len(requests))
-        counts = np.asarray(num_tokens, dtype=np.int64)
-        ends = starts + counts
-        total = int(counts.sum())
-        ids = np.empty(total, dtype=np.int64)
-        offset = 0
-        for r, s, n in zip(requests, starts.tolist(), num_tokens):
-            # Slicing the prompt and output lists separately avoids building all_token_ids.
-            p = r.num_prompt_tokens
-            if s + n <= p:
-                ids[offset:offset + n] = r.prompt_token_ids[s:s + n]
-            elif s >= p:
-                ids[offset:offset + n] = r.output_token_ids[s - p:s - p + n]
-            else:
-                ids[offset:offset + n] = r.prompt_token_ids[s:] + r.output_token_ids[:s + n - p]
-            offset += n
-        query_start = np.zeros(len(requests) + 1, dtype=np.int64)
-        np.cumsum(counts, out=query_start[1:])
-        # Position of every token: its sequence's start plus its index within the sequence's chunk.
-        seq_of_token = np.repeat(np.arange(len(requests)), counts)
-        positions = starts[seq_of_token] + (np.arange(total) - query_start[seq_of_token])
-        max_blocks = max(len(r.block_ids) for r in requests)
-        tables = np.zeros((len(requests), max_blocks), dtype=np.int64)
-        for i, r in enumerate(requests):
-            tables[i, :len(r.block_ids)] = r.block_ids
-        slots = tables[seq_of_token, positions // bs] * bs + positions % bs
-        dev = self.device
+    @staticmethod
+    @torch.inference_mode()
+    def profile_kv_cache_bytes(model: torch.nn.Module, info: ModelInfo, device: torch.device,
+                               max_num_batched_tokens: int, max_num_seqs: int, block_size: int,
+                               gpu_memory_utilization: float) -> int:
+        """Bytes of GPU memory the KV cache may take: `gpu_memory_utilization` of the card, less
+        what is in use (weights, CUDA context, other processes) and less the peak a step of
+        `max_num_batched_tokens` tokens needs on top of that (measured by running one, as vLLM does).
+        """
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        t = max_num_batched_tokens
+        # One block shared by every layer: slots of -1 write nothing, and every key is read from
+        # block 0, so the warm-up needs no real pool.
+        dtype = next(model.parameters()).dtype
+        cache = torch.zeros((1, block_size, info.num_kv_heads, info.head_dim), dtype=dtype, device=device)
+        caches = [(cache, cache)] * info.num_layers
+        ids = torch.randint(0, info.vocab_size, (t,), device=device)
+        positions = torch.arange(t, device=device) % info.max_model_len
         meta = AttnMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            query_start_loc=torch.from_numpy(query_start.astype(np.int32)).to(dev),
-            context_lens=torch.from_numpy(ends.astype(np.int32)).to(dev),
-            block_tables=torch.from_numpy(tables.astype(np.int32)).to(dev),
-            max_query_len=int(counts.max()),
-            max_context_len=int(ends.max()),
+            slot_mapping=torch.full((t,), -1, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor([0, t], dtype=torch.int32, device=device),
+            context_lens=torch.tensor([t], dtype=torch.int32, device=device),
+            block_tables=torch.zeros((1, -(-t // block_size)), dtype=torch.int32, device=device),
+            max_query_len=t, max_context_len=t)
+        hidden = model(ids, positions, caches, meta)
+        logits = model.compute_logits(hidden[:min(max_num_seqs, t)])
+        # The sampler's temporaries on a full batch of logits: about two more copies of them.
+        work = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+        del hidden, logits, work, caches, cache, ids, positions, meta
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(total * gpu_memory_utilization) - (total - free) - peak
+        if budget <= 0:
+            raise ValueError(
+                f"no GPU memory left for the KV cache: {total / 2**30:.1f} GiB card, "
+                f"{(total - free) / 2**30:.1f} GiB in use, a {t}-token step needs {peak / 2**30:.1f} GiB "
+                f"more, gpu_memory_utilization={gpu_memory_utilization}; raise gpu_memory_utilization "
+                "or lower max_num_batched_tokens")
+        return budget
+
+    # -- the step ----------------------------------------------------------------------------
+    def _next_buffers(self) -> _StepBuffers:
+        buf = self._buffers[self._turn]
+        self._turn = (self._turn + 1) % len(self._buffers)
+        if buf.copied is not None:
+            buf.copied.synchronize()
+        return buf
+
+    def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
+
+    def _fill(self, buf: _StepBuffers, requests: list[Request], num_tokens: list[int],
+              pad_to: int = 0) -> tuple[int, int, int, int]:
+        """Writes the step into `buf`: (tokens, max query len, max context len, table width).
+
+        With `pad_to` (decode steps only), rows len(requests)..pad_to-1 become padding rows.
+        """
+        n = len(requests)
+        bs = self.block_size
+        starts = np.fromiter((r.num_computed_tokens for r in requests), dtype=np.int64, count=n)
+        counts = np.asarray(num_tokens, dtype=np.int64)
+        total = int(counts.sum())
+        max_q = int(counts.max())
+        ends = starts + counts
+        ids = buf.ids[:total]
+        if max_q == 1:
+            # The token at position num_computed_tokens of each sequence.
+            ids[:] = [r.prompt_token_ids[s] if s < len(r.prompt_token_ids)
+                      else r.output_token_ids[s - len(r.prompt_token_ids)]
+                      for r, s in zip(requests, starts.tolist())]
+            positions = starts
+            seq_of_token = None
+        else:
+            offset = 0
+            for r, s, c in zip(requests, starts.tolist(), num_tokens):
+                # Slices of the prompt and output lists, not a concatenation of the whole sequence.
+                p = r.num_prompt_tokens
+                if s + c <= p:
+                    ids[offset:offset + c] = r.prompt_token_ids[s:s + c]
+                elif s >= p:
+                    ids[offset:offset + c] = r.output_token_ids[s - p:s - p + c]
+                else:
+                    ids[offset:offset + c] = r.prompt_token_ids[s:] + r.output_token_ids[:s + c - p]
+                offset += c
+            seq_of_token = np.repeat(np.arange(n), counts)
+        qs = buf.query_start[:n + 1]
+        qs[0] = 0
+        np.cumsum(counts, out=qs[1:])
+        if seq_of_token is not None:
+            positions = starts[seq_of_token] + (np.arange(total) - qs[seq_of_token])
+        buf.positions[:total] = positions
+        buf.context_lens[:n] = ends
+        rows, width = self._tables.rows(requests)
+        tables = buf.tables[:n * width].reshape(n, width)
+        np.take(self._tables.table[:, :width], rows, axis=0, out=tables, mode="clip")
+        tok_rows = np.arange(n) if seq_of_token is None else seq_of_token
+        buf.slots[:total] = tables[tok_rows, positions // bs] * bs + positions % bs
+        if pad_to > n:
+            buf.ids[n:pad_to] = 0
+            buf.positions[n:pad_to] = 0
+            buf.slots[n:pad_to] = -1
+            buf.context_lens[n:pad_to] = 0
+        self.last_step = (counts, ends)
+        return total, max_q, int(ends.max()), width
+
+    def prepare(self, requests: list[Request], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+        """Flat token ids, positions and attention metadata for the step, on the device."""
+        buf = self._next_buffers()
+        total, max_q, max_ctx, width = self._fill(buf, requests, num_tokens)
+        n = len(requests)
+        dev = self.device
+
+        def put(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dev, non_blocking=True)
+
+        meta = AttnMetadata(
+            slot_mapping=put(buf.slots_t[:total]),
+            query_start_loc=put(buf.query_start_t[:n + 1]),
+            context_lens=put(buf.context_lens_t[:n]),
+            block_tables=put(buf.tables_t[:n * width].view(n, width)),
+            max_query_len=max_q,
+            max_context_len=max_ctx,
         )
-        return torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), meta
+        out = put(buf.ids_t[:total]), put(buf.positions_t[:total]), meta
+        self._mark_copied(buf)
+        return out
+
+    def _mark_copied(self, buf: _StepBuffers) -> None:
+        if self.device.type == "cuda":
+            if buf.copied is None:
+                buf.copied = torch.cuda.Event()
+            buf.copied.record()
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_tokens: list[int], sample_rows: list[int]) -> torch.Tensor:
         """Runs the step; returns float32 logits of the last token of each request in `sample_rows`."""
+        n = len(requests)
+        graphs = self.graphs
+        if graphs is not None and n <= graphs.max_batch and max(num_tokens) == 1:
+            size = graphs.padded_size(n)
+            buf = self._next_buffers()
+            _, _, _, width = self._fill(buf, requests, num_tokens, pad_to=size)
+            logits = graphs.run(n, size, buf.ids_t[:size], buf.positions_t[:size], buf.slots_t[:size],
+                                buf.context_lens_t[:size], buf.tables_t[:n * width].view(n, width))
+            self._mark_copied(buf)
+            if len(sample_rows) != n:
+                logits = logits[torch.as_tensor(sample_rows, device=logits.device)]
+            return logits
         input_ids, positions, meta = self.prepare(requests, num_tokens)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        last = meta.query_start_loc[1:].long() - 1
-        rows = last[torch.tensor(sample_rows, dtype=torch.long, device=last.device)]
-        return self.model.compute_logits(hidden[rows])
+        if not sample_rows:  # only middle chunks of prompts: the cache writes were the work
+            return torch.empty((0, self.info.vocab_size), dtype=torch.float32, device=self.device)
+        buf = self._buffers[(self._turn - 1) % len(self._buffers)]  # the set prepare just filled
+        if len(sample_rows) == input_ids.shape[0]:
+            picked = hidden  # every token is a sampled last token (decodes)
+        else:
+            k = len(sample_rows)
+            buf.sample_idx[:k] = buf.query_start[1:n + 1][sample_rows] - 1
+            idx = buf.sample_idx_t[:k].to(self.device, non_blocking=True)
+            self._mark_copied(buf)
+            picked = hidden.index_select(0, idx)
+        return self.model.compute_logits(picked)

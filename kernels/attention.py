@@ -67,23 +67,23 @@ def _decode_batch(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence, all sequences at once: q [B, Hq, D] -> [B, Hq, D]."""
+    """One query token per sequence, all sequences at once: q [B, Hq, D] -> [B, Hq, D].
+
+    The sequences' blocks are gathered into one padded [B, Hkv, L, D] batch and handed to
+    PyTorch's fused attention with a padding mask; query heads share their KV head (GQA) without
+    copying the keys.
+    """
     bsz, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
     length = int(context_lens.max())
-    k = _gather(k_cache, block_tables, length).float()  # [B, L, Hkv, D]
-    v = _gather(v_cache, block_tables, length).float()
-    qg = q.float().view(bsz, num_kv_heads, group, head_dim)
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, L]
-    pad = torch.arange(length, device=q.device)[None, :] >= context_lens[:, None].to(q.device)
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    # Slots past a sequence's length were never written (an uninitialised pool may hold NaN there),
-    # and a zero probability times NaN is still NaN: zero those values too.
-    v = v.masked_fill(pad[:, :, None, None], 0.0)
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hkv, G, D]
-    return out.reshape(bsz, num_heads, head_dim).to(q.dtype)
+    valid = torch.arange(length, device=q.device)[None, :] < context_lens[:, None].to(q.device)
+    # Slots past a sequence's length are masked out; they must hold finite values (NaN times a
+    # zero probability is still NaN), which is why the engine zero-fills the CPU pool.
+    k = _gather(k_cache, block_tables, length).to(q.dtype).transpose(1, 2)
+    v = _gather(v_cache, block_tables, length).to(q.dtype).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.view(bsz, num_heads, 1, head_dim), k, v,
+                                         attn_mask=valid[:, None, None, :], scale=scale,
+                                         enable_gqa=num_heads != k.shape[1])
+    return out.view(bsz, num_heads, head_dim)
 
 
 def _prefill_one(
@@ -99,17 +99,14 @@ def _prefill_one(
     group = num_heads // k_cache.shape[2]
     k = _gather(k_cache, block_table, context_len).to(q.dtype)  # [L, Hkv, D]
     v = _gather(v_cache, block_table, context_len).to(q.dtype)
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
     qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if q_len == context_len:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=group > 1)
     else:
         q_pos = torch.arange(context_len - q_len, context_len, device=q.device)
         k_pos = torch.arange(context_len, device=q.device)
         mask = k_pos[None, :] <= q_pos[:, None]
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=group > 1)
     return out[0].transpose(0, 1)
 
 
