@@ -297,11 +297,16 @@ class Engine:
             delta_text = seq.text[seq.emitted_chars:visible]
             delta_ids = req.output_token_ids[seq.emitted_tokens:]
             seq.emitted_chars, seq.emitted_tokens = visible, len(req.output_token_ids)
+            # Only a final output gets copies; a step's output shares the live lists (its callers
+            # read the deltas), which keeps a step's cost independent of how long outputs are.
+            token_ids = list(req.output_token_ids) if final else req.output_token_ids
+            logprobs = None
+            if req.params.logprobs is not None:
+                logprobs = list(req.logprobs) if final else req.logprobs
             completions.append(CompletionOutput(
-                index=i, text=seq.text[:visible], token_ids=list(req.output_token_ids),
+                index=i, text=seq.text[:visible], token_ids=token_ids,
                 finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-                logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
-                delta_text=delta_text, delta_token_ids=delta_ids))
+                logprobs=logprobs, delta_text=delta_text, delta_token_ids=delta_ids))
         first = group.seqs[0].request
         if final and group.request_id in self._groups:
             self._release(group)

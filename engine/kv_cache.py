@@ -99,10 +99,18 @@ class KVCacheManager:
         `cached_blocks` (from `find_cached_prefix`, for a request that has no blocks yet) are
         taken as its first blocks. Returns False and changes nothing when the pool is too small.
         """
-        cached_blocks = cached_blocks or []
-        if cached_blocks and request.block_ids:
+        if not cached_blocks:
+            # The common case (every decode step): the request only grows, often within its last block.
+            need = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
+            if need <= 0:
+                return True
+            if need > len(self._free):
+                return False
+            request.block_ids.extend(self._take_free_block() for _ in range(need))
+            return True
+        if request.block_ids:
             raise RuntimeError(f"request {request.request_id} already has blocks")
-        have = len(request.block_ids) + len(cached_blocks)
+        have = len(cached_blocks)
         covered = request.num_computed_tokens + len(cached_blocks) * self.block_size
         need = self.blocks_needed(covered + num_new_tokens) - have
         revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
@@ -113,10 +121,9 @@ class KVCacheManager:
             if block.ref_count == 0:
                 del self._free[block_id]
             block.ref_count += 1
-        if cached_blocks:
-            request.block_ids = list(cached_blocks)
-            self._num_hashed[id(request)] = len(cached_blocks)
-            self.hits += len(cached_blocks) * self.block_size
+        request.block_ids = list(cached_blocks)
+        self._num_hashed[id(request)] = len(cached_blocks)
+        self.hits += len(cached_blocks) * self.block_size
         for _ in range(max(need, 0)):
             request.block_ids.append(self._take_free_block())
         return True

@@ -110,14 +110,15 @@ class ModelRunner:
         self.num_blocks = num_blocks
         shape = (num_blocks, block_size, info.num_kv_heads, info.head_dim)
         is_cuda = device.type == "cuda"
-        # The Triton kernels never read a slot before it is written, and the CPU reference masks
-        # unwritten slots, so CUDA skips the fill (a full pass over tens of GB). The CPU pool is
-        # small and zeros cost nothing there.
-        alloc = torch.empty if is_cuda else torch.zeros
-        self.kv_caches = [
-            (alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
-            for _ in range(info.num_layers)
-        ]
+        # The Triton kernels never read a slot before it is written, so CUDA skips the fill (a full
+        # pass over tens of GB). The CPU reference reads whole blocks and needs finite values in
+        # unwritten slots; the explicit fill also touches every page now, so generation does not
+        # pay the page faults of a fresh gigabyte later.
+        def alloc() -> torch.Tensor:
+            t = torch.empty(shape, dtype=dtype, device=device)
+            return t if is_cuda else t.fill_(0)
+
+        self.kv_caches = [(alloc(), alloc()) for _ in range(info.num_layers)]
         self.max_model_len = max_model_len or info.max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = -(-self.max_model_len // block_size) + 1
