@@ -43,6 +43,9 @@ _WINDOW = re.compile(r"^([1-9][0-9]{0,3})h$")
 
 # A hook that checks one request body; returns an error message, or None when the body is fine.
 BodyValidator = Callable[[dict[str, Any]], "str | None"]
+# A hook that checks one request body and turns it into the job's stored request: returns the
+# request (a dict), or an error message (a str).
+BodyPreparer = Callable[[dict[str, Any]], "dict[str, Any] | str"]
 
 
 def _window(completion_window: str) -> timedelta:
@@ -135,6 +138,61 @@ class BatchStore:
                 )
             return list(s.scalars(stmt.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)))
 
+    def list_open(self, *, limit: int = 1000) -> list[Batch]:
+        """Batches of every tenant that still need attention, oldest first (for the process that
+        moves batches along): not final, or final (cancelled or expired) with no output file yet.
+        """
+        stmt = (
+            select(Batch)
+            .where(
+                Batch.status.not_in(FINAL)
+                | (Batch.status.in_(("cancelled", "expired")) & Batch.output_file_id.is_(None))
+            )
+            .order_by(Batch.created_at, Batch.id)
+            .limit(limit)
+        )
+        with self._db.read() as s:
+            return list(s.scalars(stmt))
+
+    def attach_files(
+        self, tenant_id: str, batch_id: str, *, output_file_id: str | None, error_file_id: str | None
+    ) -> Batch:
+        """Sets the output and error files of a batch that ended cancelled or expired (the requests
+        that ran before it stopped are kept). Raises NotFound, or InvalidTransition for a batch in
+        another status."""
+
+        def work(s: Session) -> Batch:
+            batch = s.scalar(select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id))
+            if batch is None:
+                raise NotFound(f"no batch {batch_id!r} for this tenant")
+            if batch.status not in ("cancelled", "expired"):
+                raise InvalidTransition(f"batch {batch_id} is {batch.status}; files attach only to a cancelled or expired batch")
+            s.execute(
+                update(Batch)
+                .where(Batch.id == batch_id)
+                .values(output_file_id=output_file_id, error_file_id=error_file_id)
+            )
+            s.refresh(batch)
+            return batch
+
+        return self._db.transact(work)
+
+    def token_totals(self, tenant_id: str, batch_id: str) -> tuple[int, int, int]:
+        """Prompt, cached prompt and completion tokens spent so far by the batch's requests."""
+        stmt = (
+            select(
+                func.coalesce(func.sum(Usage.prompt_tokens), 0),
+                func.coalesce(func.sum(Usage.cached_prompt_tokens), 0),
+                func.coalesce(func.sum(Usage.completion_tokens), 0),
+            )
+            .select_from(Job)
+            .join(Usage, Usage.job_id == Job.id)
+            .where(Job.batch_id == batch_id, Job.tenant_id == tenant_id)
+        )
+        with self._db.read() as s:
+            row = s.execute(stmt).one()
+            return int(row[0]), int(row[1]), int(row[2])
+
     def count_batches(self, tenant_id: str) -> int:
         """How many batches the tenant has."""
         with self._db.read() as s:
@@ -161,6 +219,7 @@ class BatchStore:
         batch_id: str,
         *,
         validate: BodyValidator | None = None,
+        prepare: BodyPreparer | None = None,
         jobs_per_insert: int = 500,
         max_lines: int = 50_000,
         priority: int = 0,
@@ -172,6 +231,8 @@ class BatchStore:
         check each body further. Memory stays bounded by ``jobs_per_insert`` lines. If every line is
         good the batch moves to ``in_progress`` with its total set; otherwise no job is kept, the
         batch moves to ``failed`` and the report (and the batch's ``errors``) say which lines were wrong.
+        ``prepare``, when given, checks each body too and returns the request the job stores
+        instead of the body itself (or an error message).
         """
         batch = self.get(tenant_id, batch_id)
         if batch is None:
@@ -201,7 +262,7 @@ class BatchStore:
                     if total > max_lines:
                         error(number, "too_many_requests", f"a batch holds at most {max_lines} requests")
                         return
-                    spec = self._parse_line(batch, number, raw, seen, validate, error, priority)
+                    spec = self._parse_line(batch, number, raw, seen, validate, error, priority, prepare)
                     if spec is not None and not errors:
                         yield spec
             except ValueError as exc:  # a line over the size limit
@@ -233,6 +294,7 @@ class BatchStore:
         validate: BodyValidator | None,
         error: Callable[[int | None, str, str], None],
         priority: int,
+        prepare: BodyPreparer | None = None,
     ) -> JobSpec | None:
         try:
             item = json.loads(raw)
@@ -260,9 +322,16 @@ class BatchStore:
             if problem:
                 error(number, "invalid_body", problem)
                 return None
+            request = body
+            if prepare is not None:
+                prepared = prepare(body)
+                if isinstance(prepared, str):
+                    error(number, "invalid_body", prepared)
+                    return None
+                request = prepared
             return JobSpec(
                 model=body["model"],
-                request=body,
+                request=request,
                 kind="bulk",
                 priority=priority,
                 api_key_id=batch.api_key_id,

@@ -513,7 +513,8 @@ def _record_postgresql(s: Session, ids: list[str], by_id: dict[str, FinishedJob]
     done = [by_id[i] for i in ids]
     params = {
         "job_id": ids,
-        "output_text": [f.output_text for f in done],
+        # PostgreSQL text cannot hold NUL; a model can emit it (a byte token), so it is replaced.
+        "output_text": [f.output_text.replace("\x00", "\ufffd") for f in done],
         "finish_reason": [f.finish_reason for f in done],
         "token_ids": [_json_or_none(f.token_ids) for f in done],
         "logprobs": [_json_or_none(f.logprobs) for f in done],

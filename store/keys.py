@@ -44,6 +44,11 @@ class KeyStore:
         with self._db.read() as s:
             return s.get(Tenant, tenant_id)
 
+    def list_tenants(self) -> list[Tenant]:
+        """Every tenant, oldest first (for administrators)."""
+        with self._db.read() as s:
+            return list(s.scalars(select(Tenant).order_by(Tenant.created_at, Tenant.id)))
+
     def tenant_by_name(self, name: str) -> Tenant | None:
         """The tenant with this name, or None."""
         with self._db.read() as s:

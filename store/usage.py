@@ -12,8 +12,14 @@ from store.db import Database
 from store.models import Usage
 from store.types import UsageBucket
 
-GroupBy = Literal["model", "api_key", "day", "hour"]
-_COLUMNS = {"model": Usage.model, "api_key": Usage.api_key_id, "day": Usage.day, "hour": Usage.hour}
+GroupBy = Literal["tenant", "model", "api_key", "day", "hour"]
+_COLUMNS = {
+    "tenant": Usage.tenant_id,
+    "model": Usage.model,
+    "api_key": Usage.api_key_id,
+    "day": Usage.day,
+    "hour": Usage.hour,
+}
 
 
 class UsageStore:
@@ -24,7 +30,7 @@ class UsageStore:
 
     def summary(
         self,
-        tenant_id: str,
+        tenant_id: str | None,
         *,
         group_by: Sequence[GroupBy] = (),
         since: date | None = None,
@@ -36,7 +42,8 @@ class UsageStore:
 
         ``group_by`` takes any of ``model``, ``api_key``, ``day``, ``hour`` (``hour`` groups by day
         and hour). ``since`` and ``until`` are inclusive UTC days. With no grouping the result is
-        one bucket of totals (zeros when there is no usage).
+        one bucket of totals (zeros when there is no usage). ``tenant_id`` None sums every tenant
+        (administrators only; group by ``tenant`` to tell them apart).
         """
         wanted = list(dict.fromkeys(group_by))
         bad = [g for g in wanted if g not in _COLUMNS]
@@ -51,7 +58,9 @@ class UsageStore:
             func.coalesce(func.sum(Usage.prompt_tokens), 0),
             func.coalesce(func.sum(Usage.cached_prompt_tokens), 0),
             func.coalesce(func.sum(Usage.completion_tokens), 0),
-        ).where(Usage.tenant_id == tenant_id)
+        )
+        if tenant_id is not None:
+            stmt = stmt.where(Usage.tenant_id == tenant_id)
         if since is not None:
             stmt = stmt.where(Usage.day >= since)
         if until is not None:
@@ -78,6 +87,7 @@ class UsageStore:
                     prompt_tokens=prompt,
                     cached_prompt_tokens=cached,
                     completion_tokens=completion,
+                    tenant_id=group.get("tenant", tenant_id),
                 )
             )
         return buckets

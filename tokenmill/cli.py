@@ -8,6 +8,11 @@ import typer
 from tokenmill.cli_db import db_app
 from tokenmill.cli_generate import generate_command
 from tokenmill.cli_worker import worker_command
+from tokenmill.cli_api import api_command
+from tokenmill.cli_keys import keys_app
+from tokenmill.cli_up import down_command, up_command
+from tokenmill.cli_flower import flower_command
+from tokenmill.cli_batch import batch_app, jobs_app, submit_command, usage_command
 
 app = typer.Typer(
     name="tokenmill",
@@ -17,7 +22,16 @@ app = typer.Typer(
 )
 app.command("generate")(generate_command)
 app.command("worker")(worker_command)
+app.command("api")(api_command)
+app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
+app.command("up")(up_command)
+app.command("down")(down_command)
+app.command("flower")(flower_command)
+app.command("submit")(submit_command)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(batch_app, name="batch")
+app.command("usage")(usage_command)
 
 
 @app.callback()

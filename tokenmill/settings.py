@@ -40,6 +40,15 @@ class Settings:
     batch_max_lines: int = 50_000  # requests in one batch input file
     default_max_tokens: int = 512  # chat completions that name no max_tokens (capped by the context)
     sync_timeout_s: float = 600.0  # how long a synchronous completion waits for its job
+    # Flower (`tokenmill flower`, and inside `tokenmill up`)
+    flower_host: str = "127.0.0.1"
+    flower_port: int = 5555
+    flower_user: str = "admin"
+    flower_password: str = ""  # empty: `tokenmill up` makes one on first start (saved in the data dir)
+    flower_max_tasks: int = 10_000  # tasks Flower keeps in memory (older ones are forgotten)
+    # command-line clients (`tokenmill submit`, `jobs`, `batch`, `usage`)
+    api_url: str = ""  # empty: the API that `tokenmill up` runs, else http://api_host:api_port
+    api_key: str = ""  # empty: the local key `tokenmill up` made on first start
 
     @property
     def model_cache_dir(self) -> Path:

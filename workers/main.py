@@ -51,6 +51,7 @@ def run_worker(opts: WorkerOptions) -> None:
     from engine import Engine, EngineConfig
     from store.facade import Store
     from workers.app import QueueConfig, declare_queues, make_celery, queue_for
+    from workers.engine_events import install_engine_figures
     from workers.runtime import WorkerConfig, WorkerRuntime
     from workers.tasks import register_tasks
 
@@ -66,6 +67,7 @@ def run_worker(opts: WorkerOptions) -> None:
     app = make_celery(QueueConfig(redis_url=opts.redis_url, visibility_timeout_s=opts.visibility_timeout_s))
     declare_queues(app, [opts.served_model])
     register_tasks(app, rt)
+    install_engine_figures(app, rt)  # engine figures in worker stats and events (Flower)
     worker = app.Worker(
         hostname=hostname, pool="threads", concurrency=opts.concurrency,
         queues=[queue_for(opts.served_model)], loglevel=opts.loglevel,

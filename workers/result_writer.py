@@ -83,7 +83,12 @@ class ResultWriter:
             try:
                 outcome = self.store.jobs.record_results([f for f, _ in items])
                 break
-            except Exception as e:  # noqa: BLE001 - the database may be restarting: retry, never drop
+            except Exception as e:  # noqa: BLE001 - sorted below
+                if not _transient(e):
+                    # The data itself is refused: find the culprit(s) alone, keep the rest.
+                    self._isolate(items, e)
+                    return
+                # The database is away (restarting, unreachable): retry, never drop.
                 log.warning("recording %d results failed (%r); retrying in %.1fs", len(items), e, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
@@ -93,3 +98,28 @@ class ResultWriter:
         for finished, fut in items:
             if not fut.done():
                 fut.set_result(finished.job_id in recorded)
+
+    def _isolate(self, items: list[tuple[Any, Future]], error: Exception) -> None:
+        if len(items) > 1:
+            half = len(items) // 2
+            self._write(items[:half])
+            self._write(items[half:])
+            return
+        finished, fut = items[0]
+        log.error("the store refused the result of %s: %r", finished.job_id, error)
+        fut.set_exception(ResultRejected(f"the store refused this job's result: {error}"))
+
+
+class ResultRejected(Exception):
+    """The store refused a result for what it holds (not for being unreachable)."""
+
+
+def _transient(error: Exception) -> bool:
+    """Whether the error is about reaching the database rather than about the data."""
+    from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError, TimeoutError
+
+    if isinstance(error, (OperationalError, DisconnectionError, TimeoutError)):
+        return True
+    if isinstance(error, DBAPIError):
+        return bool(error.connection_invalidated)
+    return True  # unknown failures are retried: dropping a result is worse than waiting

@@ -43,6 +43,7 @@ class WorkerRuntime:
         self._cancel_thread = threading.Thread(target=self._listen_cancels, name="cancel-listener",
                                                daemon=True)
         self._stopping = False
+        self.last_figures: dict[str, Any] = {}  # the latest engine figures (read by workers.engine_events)
 
     def start(self) -> "WorkerRuntime":
         self.writer.start()
@@ -74,6 +75,7 @@ class WorkerRuntime:
         fields = {**asdict(stats), "tokens_per_s": round(tokens_per_s, 1),
                   "model": self.config.served_model, "device": self.config.device_label,
                   "pending": self.loop.num_pending, "updated_at": time.time()}
+        self.last_figures = fields
         try:
             pipe = self.redis.pipeline()
             pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})

@@ -17,6 +17,7 @@ from engine import SamplingParams
 from store.types import FinishedJob, JobFailure
 from workers.app import STREAM_CHANNEL, TASK_GENERATE, TASK_GENERATE_BULK
 from workers.engine_loop import EngineCrashed
+from workers.result_writer import ResultRejected
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def register_tasks(app: Celery, rt: WorkerRuntime) -> None:
 
 def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[str, int]:
     """Runs the given jobs to a final state in the store. Returns counts by outcome."""
-    counts = {"succeeded": 0, "failed": 0, "skipped": 0, "expired": 0, "duplicate": 0}
+    counts = {"succeeded": 0, "failed": 0, "skipped": 0, "expired": 0, "duplicate": 0,
+              "prompt_tokens": 0, "completion_tokens": 0}  # token totals: shown by Flower
     claims = rt.store.jobs.mark_running(job_ids, rt.config.hostname)
     counts["skipped"] = len(set(job_ids)) - len(claims)  # cancelled, finished, expired or unknown
     failures: list[JobFailure] = []
@@ -92,15 +94,23 @@ def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[
             token_ids=list(out.token_ids) if claim.request.get("return_token_ids") else None,
             logprobs=_logprobs(out) if params.get("logprobs") is not None else None)
         writes.append((claim.id, rt.writer.submit(finished)))
+        counts["prompt_tokens"] += out.prompt_tokens
+        counts["completion_tokens"] += out.completion_tokens
 
     if failures:
         _store_retrying(lambda: rt.store.jobs.mark_failed(failures))
         counts["failed"] += len(failures)
+    rejected: list[JobFailure] = []
     for job_id, fut in writes:
-        if fut.result():
-            counts["succeeded"] += 1
-        else:
-            counts["duplicate"] += 1
+        try:
+            stored = fut.result()
+        except ResultRejected as e:
+            rejected.append(JobFailure(job_id, "result_rejected", str(e)))
+            continue
+        counts["succeeded" if stored else "duplicate"] += 1
+    if rejected:
+        _store_retrying(lambda: rt.store.jobs.mark_failed(rejected))
+        counts["failed"] += len(rejected)
     return counts
 
 

@@ -1,0 +1,109 @@
+"""Bearer-key authentication. A tenant's key gives a `Principal` of that tenant; the admin key
+(from the settings) gives an admin principal. Wrong, missing or revoked keys get 401."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+
+from api.errors import ApiError
+from api.state import ApiState, get_state
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a tenant's key, or the admin key (``tenant_id`` None)."""
+
+    tenant_id: str | None
+    key_id: str | None
+    admin: bool = False
+
+
+class KeyCache:
+    """Checked keys for a short time, so a busy client does not cost a database read per request.
+
+    Revoking a key through this process takes effect at once; through another process, within
+    ``ttl_s`` seconds.
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl = ttl_s
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Principal | None:
+        with self._lock:
+            hit = self._entries.get(digest)
+        if hit is None or time.monotonic() - hit[0] > self._ttl:
+            return None
+        return hit[1]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        with self._lock:
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            self._entries[digest] = (time.monotonic(), principal)
+
+    def forget_key(self, key_id: str) -> None:
+        with self._lock:
+            for d in [d for d, (_, p) in self._entries.items() if p.key_id == key_id]:
+                del self._entries[d]
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        with self._lock:
+            for d in [d for d, (_, p) in self._entries.items() if p.tenant_id == tenant_id]:
+                del self._entries[d]
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def bearer_token(request: Request) -> str:
+    """The key of an ``Authorization: Bearer <key>`` header, or a 401."""
+    header = request.headers.get("authorization")
+    if not header:
+        raise _unauthorized("missing API key: send the header 'Authorization: Bearer <key>'")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthorized("malformed Authorization header: use 'Bearer <key>'")
+    return token.strip()
+
+
+async def authenticate(request: Request, state: ApiState = Depends(get_state)) -> Principal:
+    """The caller (a FastAPI dependency): a tenant's live key or the admin key; otherwise 401."""
+    token = bearer_token(request)
+    admin_key = state.config.admin_key
+    if admin_key and hmac.compare_digest(token.encode(), admin_key.encode()):
+        return Principal(None, None, admin=True)
+    cache: KeyCache = request.app.state.key_cache
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    principal = cache.get(digest)
+    if principal is None:
+        key = await run_in_threadpool(state.store.keys.authenticate, token)
+        if key is None:
+            raise _unauthorized("invalid or revoked API key")
+        principal = Principal(key.tenant_id, key.id)
+        cache.put(digest, principal)
+    return principal
+
+
+async def tenant(principal: Principal = Depends(authenticate)) -> Principal:
+    """A caller that acts as a tenant (the admin key owns no jobs, files or batches)."""
+    if principal.tenant_id is None:
+        raise ApiError(403, "the admin key manages tenants and keys; use a tenant's API key here",
+                       code="tenant_key_required")
+    return principal
+
+
+async def admin(principal: Principal = Depends(authenticate)) -> Principal:
+    """A caller holding the admin key; a tenant's key gets 403."""
+    if not principal.admin:
+        raise ApiError(403, "this endpoint needs the admin key", code="admin_key_required")
+    return principal

@@ -1,0 +1,265 @@
+"""Batches, from the API's side: ingest the input file into bulk jobs and enqueue them, and move
+open batches along until their output and error files are written.
+
+Several API processes may run at once. Each runs the same small loop over the open batches of
+every tenant; Redis locks make sure one process ingests or finalizes a batch at a time, and since
+all state is in the store, any process can pick up where a dead one stopped (a batch left in
+``validating`` is ingested again from scratch; one left in ``finalizing`` gets its files again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from api.config import ApiConfig
+from api.convert import prepare_chat, prepare_completion
+from api.errors import ApiError, _validation_message
+from api.formats import answer_for
+from api.queue import Dispatcher, QueueUnavailable
+from api.registry import ModelRegistry
+from api.schemas.openai import ChatCompletionRequest, CompletionRequest
+from store import Store
+from store.errors import InvalidTransition, NotFound
+from store.models import Batch
+from store.sql import utcnow
+
+log = logging.getLogger(__name__)
+
+INGEST_LOCK_S = 900
+FINALIZE_LOCK_S = 900
+STALE_VALIDATING = timedelta(seconds=30)  # a validating batch nobody ingests after this is picked up
+SEND_PAGE = 4096
+
+
+def _problem(exc: ValidationError) -> str:
+    return _validation_message(list(exc.errors()))[1]  # type: ignore[arg-type]
+
+
+class BatchRunner:
+    """Ingests, enqueues and finalizes batches for one API process."""
+
+    def __init__(self, config: ApiConfig, store: Store, dispatcher: Dispatcher, registry: ModelRegistry) -> None:
+        self._config = config
+        self._store = store
+        self._dispatcher = dispatcher
+        self._registry = registry
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="batches")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="batch-loop", daemon=True)
+
+    def start(self) -> None:
+        """Starts the periodic loop (if the config asks for it)."""
+        if self._config.run_batch_loop:
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stops the loop and waits for work in progress."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- ingestion -------------------------------------------------------------------------------
+    def schedule_ingest(self, tenant_id: str, batch_id: str) -> Future[None]:
+        """Ingests and enqueues the batch in the background."""
+        return self._pool.submit(self.ingest, tenant_id, batch_id)
+
+    def preparer(self, endpoint: str) -> tuple[Callable[[dict[str, Any]], dict[str, Any] | str], list[str]]:
+        """The per-line check of a batch input: the body is validated as the endpoint's request
+        and turned into a job payload; every line must name the same served model. Returns the
+        hook and a list that receives the batch's model."""
+        model_seen: list[str] = []
+        chat = endpoint == "/v1/chat/completions"
+
+        def prepare(body: dict[str, Any]) -> dict[str, Any] | str:
+            try:
+                if body.get("stream"):
+                    return "stream: batch requests cannot stream"
+                if chat:
+                    prepared = prepare_chat(ChatCompletionRequest.model_validate(body), self._registry,
+                                            default_max_tokens=self._config.default_max_tokens, stream=False)
+                else:
+                    prepared = prepare_completion(CompletionRequest.model_validate(body), self._registry, stream=False)
+            except ValidationError as exc:
+                return _problem(exc)
+            except ApiError as exc:
+                return f"{exc.param}: {exc.message}" if exc.param else exc.message
+            if not model_seen:
+                model_seen.append(prepared.model)
+            elif prepared.model != model_seen[0]:
+                return f"model: every request of a batch must use the same model ({model_seen[0]!r})"
+            return prepared.payload
+
+        return prepare, model_seen
+
+    def ingest(self, tenant_id: str, batch_id: str) -> None:
+        """Turns the input file into jobs (or fails the batch with per-line errors), then enqueues."""
+        lock = f"batch-ingest:{batch_id}"
+        if not self._dispatcher.lock(lock, INGEST_LOCK_S):
+            return
+        try:
+            batch = self._store.batches.get(tenant_id, batch_id)
+            if batch is None or batch.status != "validating":
+                return
+            prepare, model = self.preparer(batch.endpoint)
+            try:
+                report = self._store.batches.ingest(tenant_id, batch_id, prepare=prepare,
+                                                    max_lines=self._config.batch_max_lines)
+            except (InvalidTransition, NotFound) as exc:
+                log.info("batch %s not ingested: %s", batch_id, exc)
+                return
+            if report.ok and model:
+                self.enqueue(tenant_id, batch_id, model[0])
+        except Exception:
+            log.exception("ingesting batch %s failed", batch_id)
+        finally:
+            self._dispatcher.unlock(lock)
+
+    def enqueue(self, tenant_id: str, batch_id: str, model: str) -> int:
+        """Sends the batch's queued jobs as bulk tasks; returns how many were sent."""
+        sent = 0
+        page: list[str] = []
+        try:
+            for job_id in self._store.jobs.iter_job_ids(tenant_id, batch_id=batch_id, status="queued",
+                                                        page_size=SEND_PAGE):
+                page.append(job_id)
+                if len(page) >= SEND_PAGE:
+                    self._dispatcher.send_bulk(page, model)
+                    sent += len(page)
+                    page = []
+            if page:
+                self._dispatcher.send_bulk(page, model)
+                sent += len(page)
+        except QueueUnavailable as exc:
+            # The jobs stay queued in the store; the reconciler sends what Redis did not take.
+            log.warning("batch %s: Redis refused its tasks after %d sent: %s", batch_id, sent, exc)
+        return sent
+
+    # -- moving along ----------------------------------------------------------------------------
+    def schedule_finalize(self, tenant_id: str, batch_id: str) -> Future[None]:
+        """Writes the batch's files in the background (if it needs them)."""
+        return self._pool.submit(self.finalize, tenant_id, batch_id)
+
+    def needs_files(self, batch: Batch) -> bool:
+        """Whether the batch waits for its output and error files."""
+        return batch.status == "finalizing" or (batch.status in ("cancelled", "expired") and batch.output_file_id is None)
+
+    def finalize(self, tenant_id: str, batch_id: str) -> None:
+        """Writes the output and error files of a finalizing batch and completes it (or attaches
+        them to a batch that ended cancelled or expired)."""
+        lock = f"batch-finalize:{batch_id}"
+        if not self._dispatcher.lock(lock, FINALIZE_LOCK_S):
+            return
+        try:
+            batch = self._store.batches.get(tenant_id, batch_id)
+            if batch is None or not self.needs_files(batch):
+                return
+            output_id, error_id = self._write_files(batch)
+            if batch.status == "finalizing":
+                self._store.batches.transition(tenant_id, batch_id, "completed", output_file_id=output_id,
+                                               error_file_id=error_id)
+            else:
+                self._store.batches.attach_files(tenant_id, batch_id, output_file_id=output_id, error_file_id=error_id)
+        except (InvalidTransition, NotFound) as exc:
+            log.info("batch %s not finalized: %s", batch_id, exc)
+        except Exception:
+            log.exception("finalizing batch %s failed", batch_id)
+        finally:
+            self._dispatcher.unlock(lock)
+
+    def _write_files(self, batch: Batch) -> tuple[str, str | None]:
+        output = self._store.files.create(batch.tenant_id, self._lines(batch, ok=True), purpose="batch_output",
+                                          filename=f"{batch.id}_output.jsonl")
+        errors = self._store.files.create(batch.tenant_id, self._lines(batch, ok=False), purpose="batch_output",
+                                          filename=f"{batch.id}_error.jsonl")
+        if errors.bytes == 0:
+            self._store.files.delete(batch.tenant_id, errors.id)
+            return output.id, None
+        return output.id, errors.id
+
+    def _lines(self, batch: Batch, *, ok: bool) -> Iterator[bytes]:
+        buf: list[bytes] = []
+        size = 0
+        for job, result, usage in self._store.batches.iter_outcomes(batch.tenant_id, batch.id):
+            line = self._output_line(job, result, usage) if ok else self._error_line(job)
+            if line is None:
+                continue
+            data = json.dumps(line, separators=(",", ":"), default=str).encode() + b"\n"
+            buf.append(data)
+            size += len(data)
+            if size >= 256 * 1024:
+                yield b"".join(buf)
+                buf, size = [], 0
+        if buf:
+            yield b"".join(buf)
+
+    def _output_line(self, job: Any, result: Any, usage: Any) -> dict[str, Any] | None:
+        if result is None or job.status != "succeeded":
+            return None
+        return {"id": f"batch_req_{job.id}", "custom_id": job.custom_id,
+                "response": {"status_code": 200, "request_id": job.id,
+                             "body": answer_for(job, result, usage, self._registry)},
+                "error": None}
+
+    @staticmethod
+    def _error_line(job: Any) -> dict[str, Any] | None:
+        if job.status == "succeeded" or job.status in ("queued", "running"):
+            return None
+        code = job.error_code or ("batch_cancelled" if job.status == "cancelled" else job.status)
+        message = job.error_message or {"cancelled": "the batch was cancelled before this request ran",
+                                        "expired": "the batch expired before this request ran"}.get(job.status,
+                                                                                                     "the request failed")
+        if job.status == "failed":
+            status = 400 if job.error_code == "invalid_request" else 500
+            return {"id": f"batch_req_{job.id}", "custom_id": job.custom_id,
+                    "response": {"status_code": status, "request_id": job.id,
+                                 "body": {"error": {"message": message, "type": "invalid_request_error"
+                                                    if status == 400 else "server_error", "param": None,
+                                                    "code": code}}},
+                    "error": None}
+        return {"id": f"batch_req_{job.id}", "custom_id": job.custom_id, "response": None,
+                "error": {"code": code, "message": message}}
+
+    def refresh(self, tenant_id: str, batch_id: str) -> Batch | None:
+        """Moves one batch along now (cheap): what GET /v1/batches/{id} calls before answering."""
+        batch = self._store.batches.get(tenant_id, batch_id)
+        if batch is None:
+            return None
+        if batch.status in ("in_progress", "cancelling"):
+            batch = self._store.batches.advance(tenant_id, batch_id)
+        if self.needs_files(batch):
+            self.schedule_finalize(tenant_id, batch_id)
+        return batch
+
+    def tick(self) -> None:
+        """One pass over every open batch."""
+        now = utcnow()
+        for batch in self._store.batches.list_open():
+            if self._stop.is_set():
+                return
+            try:
+                if batch.status == "validating":
+                    if now - batch.created_at > STALE_VALIDATING:
+                        self.ingest(batch.tenant_id, batch.id)
+                    continue
+                if batch.status in ("in_progress", "cancelling"):
+                    batch = self._store.batches.advance(batch.tenant_id, batch.id)
+                if self.needs_files(batch):
+                    self.finalize(batch.tenant_id, batch.id)
+            except Exception:
+                log.exception("moving batch %s along failed", batch.id)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._config.batch_interval_s):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("batch loop pass failed")

@@ -1,0 +1,229 @@
+"""/v1/jobs: submit, read, list, cancel, and follow jobs (server-sent events)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from api.auth import Principal, tenant
+from api.convert import prepare_job
+from api.errors import ApiError
+from api.formats import job_full, job_summary
+from api.schemas.common import (
+    AUTH,
+    BAD,
+    BUSY,
+    MEDIA,
+    MISSING,
+    TOO_LARGE,
+    UNAVAILABLE,
+    IsoDateTime,
+    responses,
+    sse_schema,
+)
+from api.schemas.jobs import Job, JobCreate, JobList, JobStatus
+from api.state import ApiState, get_state
+from api.waiting import FINAL, Delta, Final, JobFollower, cancel_job
+from store.sql import new_id
+from store.types import JobSpec
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+SSE = {200: {"description": "server-sent events: `status`, `delta` and a final `done` with the job",
+             "content": sse_schema(["status", "delta", "done"], "data: a JSON object")}}
+
+
+def check_backpressure(state: ApiState, model: str) -> None:
+    """429 with Retry-After when the model's queue holds more interactive tasks than its limit.
+
+    If Redis cannot be asked, the job is admitted: it is stored, and the failed send that follows
+    answers 503 while the job waits in the store for the reconciler.
+    """
+    try:
+        depth = state.dispatcher.depth(model)
+    except Exception as exc:
+        log.warning("queue depth of %s unknown (%r); admitting", model, exc)
+        return
+    if depth.interactive > state.config.queue_limit:
+        raise ApiError(429, f"the queue of {model!r} holds {depth.interactive} jobs (limit "
+                            f"{state.config.queue_limit}); retry later", code="queue_full",
+                       headers={"Retry-After": "2"})
+
+
+async def admit(state: ApiState, model: str) -> None:
+    """Backpressure check; Redis is asked (off the event loop) only when the cached figure is stale."""
+    depth = state.dispatcher.cached_depth(model)
+    if depth is None:
+        await run_in_threadpool(check_backpressure, state, model)
+    elif depth.interactive > state.config.queue_limit:
+        check_backpressure(state, model)
+
+
+def enqueue_failed(job_id: str) -> ApiError:
+    """503 for a job that is stored but whose task Redis refused."""
+    return ApiError(503, f"job {job_id} is stored (queued) but the queue is unavailable; it will be sent when "
+                         "Redis is back. Retry with the same idempotency key to read it, or poll it.",
+                    code="queue_unavailable", headers={"Retry-After": "5", "x-tokenmill-job-id": job_id})
+
+
+@router.post("", status_code=202, response_model=Job, summary="Submit a job",
+             responses=responses({200: {"model": Job, "description": "an earlier job with the same idempotency key"}},
+                                 BAD, AUTH, MISSING, TOO_LARGE, MEDIA, BUSY, UNAVAILABLE))
+async def create_job(body: JobCreate, response: Response, who: Principal = Depends(tenant),
+                     state: ApiState = Depends(get_state),
+                     idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> Any:
+    """Validates the job, stores it (``queued``), then sends its task: 202 with the job.
+
+    The same idempotency key (field or ``Idempotency-Key`` header) from the same tenant answers 200
+    with the job created first.
+    """
+    assert who.tenant_id is not None
+    prepared = prepare_job(body, state.registry)
+    await admit(state, prepared.model)
+    deadline = body.deadline
+    if body.timeout_s is not None:
+        deadline = datetime.now(UTC) + timedelta(seconds=body.timeout_s)
+    spec = JobSpec(model=prepared.model, request=prepared.payload, priority=body.priority, api_key_id=who.key_id,
+                   idempotency_key=body.idempotency_key or idempotency_key or None, expires_at=deadline,
+                   id=new_id("job_"))
+    received = datetime.now(UTC)
+    submitted = await state.submitter.submit(who.tenant_id, spec)
+    if submitted.created and not submitted.enqueued:
+        raise enqueue_failed(submitted.id)
+    response.headers["Location"] = f"/v1/jobs/{submitted.id}"
+    if not submitted.created:
+        job = await run_in_threadpool(state.store.jobs.get_job, who.tenant_id, submitted.id)
+        if job is None:  # deleted between the write and the read: nothing sensible to show
+            raise ApiError(404, f"no job {submitted.id!r}", code="job_not_found")
+        return JSONResponse(await run_in_threadpool(_full_json, state, who.tenant_id, job), status_code=200)
+    state.metrics.jobs_accepted += 1
+    # The new job as stored, without reading it back (the hot path): created_at is when the API
+    # took the request, within a millisecond of the stored value; GET shows the stored one.
+    # Serialized here rather than through the response model: this is the hot path, and the
+    # fields are exactly Job's (a test checks the answer against the schema).
+    body = {"id": submitted.id, "object": "job", "model": spec.model, "status": "queued", "kind": spec.kind,
+            "priority": spec.priority, "attempts": 0, "created_at": received.isoformat(), "started_at": None,
+            "finished_at": None, "expires_at": spec.expires_at.isoformat() if spec.expires_at else None,
+            "batch_id": None, "custom_id": None, "idempotency_key": spec.idempotency_key, "error": None,
+            "request": spec.request, "result": None, "usage": None, "timings": None}
+    return Response(json.dumps(body, separators=(",", ":")), status_code=202, media_type="application/json",
+                    headers={"Location": f"/v1/jobs/{submitted.id}"})
+
+
+def _full_json(state: ApiState, tenant_id: str, job: Any) -> Any:
+    result = state.store.jobs.get_result(tenant_id, job.id) if job.status == "succeeded" else None
+    usage = state.store.jobs.get_usage(tenant_id, job.id) if job.status in FINAL else None
+    return json.loads(Job.model_validate(job_full(job, result, usage)).model_dump_json())
+
+
+def _read(state: ApiState, tenant_id: str, job_id: str) -> dict[str, Any]:
+    job = state.store.jobs.get_job(tenant_id, job_id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id!r}", code="job_not_found")
+    result = state.store.jobs.get_result(tenant_id, job_id) if job.status in FINAL else None
+    usage = state.store.jobs.get_usage(tenant_id, job_id) if job.status in FINAL else None
+    return job_full(job, result, usage)
+
+
+@router.get("/{job_id}", response_model=Job, summary="Read a job",
+            responses=responses(AUTH, MISSING))
+def get_job(job_id: str, who: Principal = Depends(tenant), state: ApiState = Depends(get_state)) -> Any:
+    """The job's status, and once it is final its result, usage and timings."""
+    assert who.tenant_id is not None
+    return _read(state, who.tenant_id, job_id)
+
+
+@router.get("", response_model=JobList, summary="List jobs", responses=responses(BAD, AUTH))
+def list_jobs(
+    who: Principal = Depends(tenant), state: ApiState = Depends(get_state),
+    status: Annotated[list[JobStatus] | None, Query(description="repeat to ask for several")] = None,
+    batch_id: Annotated[str | None, Query(max_length=64)] = None,
+    since: Annotated[IsoDateTime | None, Query(description="created at or after (ISO 8601)")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> Any:
+    """The tenant's jobs, newest first, filtered by status, batch and creation time."""
+    assert who.tenant_id is not None
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    try:
+        page = state.store.jobs.list_jobs(who.tenant_id, status=status or None, batch_id=batch_id, since=since,
+                                          limit=limit, cursor=cursor)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="cursor", code="invalid_value") from None
+    return {"object": "list", "data": [job_summary(j) for j in page.jobs], "has_more": page.next_cursor is not None,
+            "next_cursor": page.next_cursor}
+
+
+@router.delete("/{job_id}", response_model=Job, summary="Cancel a job", responses=responses(AUTH, MISSING))
+async def cancel(job_id: str, who: Principal = Depends(tenant), state: ApiState = Depends(get_state)) -> Any:
+    """Cancels a queued or running job (a running one stops at the engine's next step). A job that
+    is already final is returned unchanged."""
+    assert who.tenant_id is not None
+    job = await cancel_job(state, who.tenant_id, job_id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id!r}", code="job_not_found")
+    return await run_in_threadpool(_read, state, who.tenant_id, job_id)
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+
+
+@router.get("/{job_id}/events", summary="Follow a job (server-sent events)",
+            responses=responses(SSE, AUTH, MISSING), response_class=StreamingResponse)
+async def events(job_id: str, request: Request, who: Principal = Depends(tenant),
+                 state: ApiState = Depends(get_state)) -> StreamingResponse:
+    """Server-sent events: ``status`` on every status change, ``delta`` with new text (for jobs
+    submitted with ``stream: true``), and ``done`` with the final job, after which the stream ends."""
+    assert who.tenant_id is not None
+    tenant_id = who.tenant_id
+    job = await run_in_threadpool(state.store.jobs.get_job, tenant_id, job_id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id!r}", code="job_not_found")
+    follower = JobFollower(state, request.app.state.aioredis, tenant_id, job_id, quiet_check_s=0.5)
+    await follower.subscribe()
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            last = job.status
+            yield _sse("status", {"id": job_id, "status": last})
+            if last not in FINAL:
+                async for ev in _with_status(follower, state, tenant_id, job_id, last):
+                    if isinstance(ev, tuple):
+                        yield _sse("status", {"id": job_id, "status": ev[1]})
+                    elif isinstance(ev, Delta):
+                        yield _sse("delta", {"text": ev.text, "token_ids": ev.token_ids})
+            full = await run_in_threadpool(_read, state, tenant_id, job_id)
+            yield _sse("done", json.loads(Job.model_validate(full).model_dump_json()))
+        finally:
+            await follower.close()
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _with_status(follower: JobFollower, state: ApiState, tenant_id: str, job_id: str,
+                       last: str) -> AsyncIterator[Delta | tuple[str, str]]:
+    """The follower's deltas, with a ("status", s) item whenever the stored status changes."""
+    async for ev in follower.events():
+        if isinstance(ev, Delta):
+            if last == "queued":  # text flows: the job runs, whatever the last check said
+                last = "running"
+                yield ("status", last)
+            yield ev
+            continue
+        status = ev.job.status if isinstance(ev, Final) else ev.status
+        if status != last:
+            last = status
+            yield ("status", last)
+        if isinstance(ev, Final):
+            return

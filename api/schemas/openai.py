@@ -1,0 +1,234 @@
+"""OpenAI-compatible request and response models: /v1/completions, /v1/chat/completions, /v1/models.
+
+Unknown request fields are ignored (clients send new fields before servers know them); fields that
+would change the answer and are not supported (n > 1, echo, suffix, logit_bias, tools, JSON mode)
+are refused with a 400 naming them. vLLM-style extra sampling fields (top_k, min_p,
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens) are accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from api.schemas.messages import Messages
+from api.schemas.sampling import MAX_LOGPROBS, MAX_STOP, SEED_MAX, SEED_MIN, Number, StopString
+
+TokenId = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
+PromptText = Annotated[str, Field(min_length=1, max_length=10_000_000)]
+PromptIds = Annotated[list[TokenId], Field(min_length=1, max_length=1_000_000)]
+
+
+class StreamOptions(BaseModel):
+    """Streaming options: ``include_usage`` adds a last chunk with the usage."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False
+
+
+class _SamplingFields(BaseModel):
+    """The sampling fields both endpoints share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0, le=100)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    n: StrictInt | None = Field(None, ge=1, le=128)
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    stop: StopString | list[StopString] | None = None
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Number] | None = None
+    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    user: str | None = Field(None, max_length=256)
+    # vLLM-style extras
+    top_k: StrictInt | None = Field(None, ge=0, le=1_000_000)
+    min_p: Number | None = Field(None, ge=0, le=1)
+    repetition_penalty: Number | None = Field(None, gt=0, le=100)
+    min_tokens: StrictInt | None = Field(None, ge=0)
+    ignore_eos: StrictBool | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
+    skip_special_tokens: StrictBool | None = None
+    priority: StrictInt | None = Field(None, ge=0, le=9, description="inside the engine, lower runs first")
+
+    @field_validator("n")
+    @classmethod
+    def _one(cls, n: int | None) -> int | None:
+        if n is not None and n != 1:
+            raise ValueError(f"n must be 1, got {n}: send separate requests for more outputs")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value: object) -> object:
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"stop takes at most {MAX_STOP} strings, got {len(value)}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: PromptText | PromptIds | Annotated[list[PromptText], Field(min_length=1, max_length=1)] | Annotated[
+        list[PromptIds], Field(min_length=1, max_length=1)
+    ] = Field(description="one prompt: text or token ids (a list of one is accepted too)")
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool | None = False
+    best_of: StrictInt | None = Field(None, ge=1, le=1)
+    suffix: str | None = Field(None, max_length=0, description="not supported: leave it out")
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool | None) -> bool | None:
+        if echo:
+            raise ValueError("echo is not supported")
+        return echo
+
+
+class ResponseFormat(BaseModel):
+    """Only plain text output is supported."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: Messages
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported: leave it out or send an empty list")
+    tool_choice: Literal["none"] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if tools:
+            raise ValueError("tools are not supported")
+        return tools
+
+
+class PromptTokensDetails(BaseModel):
+    """Prompt tokens served from the prefix cache."""
+
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    """Tokens of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Legacy completions logprobs."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    """The one output of a completion."""
+
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    """A text completion (object ``text_completion``)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class TopLogprob(BaseModel):
+    """An alternative token and its logprob."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    """A chosen token, its logprob and the top alternatives."""
+
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(BaseModel):
+    """Chat logprobs."""
+
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    """The reply."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    """The one output of a chat completion."""
+
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(BaseModel):
+    """A chat completion (object ``chat.completion``)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    """A served model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tokenmill"
+    context_length: int | None = None
+
+
+class ModelList(BaseModel):
+    """The served models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

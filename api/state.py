@@ -1,0 +1,33 @@
+"""What one API process holds: the store, the queue dispatcher, the model registry, the submitter,
+the batch runner and the request metrics. Built by `create_app` and reached through `get_state`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from api.config import ApiConfig
+from api.metrics import RequestMetrics
+from api.queue import Dispatcher
+from api.registry import ModelRegistry
+from api.submit import Submitter
+from store import Store
+
+
+@dataclass
+class ApiState:
+    """The long-lived parts of an API process."""
+
+    config: ApiConfig
+    store: Store
+    dispatcher: Dispatcher
+    registry: ModelRegistry
+    submitter: Submitter
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    batches: object = None  # api.batch_runner.BatchRunner (set by create_app)
+
+
+def get_state(request: Request) -> ApiState:
+    """The process's state (a FastAPI dependency)."""
+    return request.app.state.tokenmill  # type: ignore[no-any-return]

@@ -1,0 +1,170 @@
+"""Files and batches end to end with the `openai` client: upload, create, run on the worker,
+output and error files in OpenAI's format, validation failures, cancellation, tenant isolation."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import TINY, Server
+
+
+@pytest.fixture
+def client(server: Server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _jsonl(lines: list[dict]) -> bytes:
+    return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+
+
+def _wait_batch(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        b = client.batches.retrieve(batch_id)
+        if b.status in statuses:
+            return b
+        time.sleep(0.2)
+    raise AssertionError(f"batch {batch_id} still {b.status}")
+
+
+def test_chat_batch_runs_to_completed_with_output_file(client: openai.OpenAI) -> None:
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": TINY, "messages": [{"role": "user", "content": f"Hello {i}"}], "max_tokens": 4}}
+             for i in range(6)]
+    f = client.files.create(file=("in.jsonl", io.BytesIO(_jsonl(lines))), purpose="batch")
+    assert f.purpose == "batch" and f.bytes > 0
+    assert client.files.retrieve(f.id).filename == "in.jsonl"
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"team": "nlp"})
+    assert batch.status == "validating"
+    done = _wait_batch(client, batch.id, ("completed", "failed"))
+    assert done.status == "completed", done
+    assert done.request_counts.total == 6 and done.request_counts.completed == 6
+    assert done.metadata == {"team": "nlp"}
+    assert done.usage is not None and done.usage.output_tokens >= 6
+    assert done.output_file_id and done.error_file_id is None
+    out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == [f"r{i}" for i in range(6)]
+    for o in out:
+        assert o["error"] is None and o["response"]["status_code"] == 200
+        assert o["response"]["body"]["object"] == "chat.completion"
+        assert o["response"]["body"]["usage"]["completion_tokens"] >= 1
+    assert done.id in [b.id for b in client.batches.list()]
+
+
+def test_completions_batch(client: openai.OpenAI) -> None:
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": TINY, "prompt": f"Number {i}", "max_tokens": 3}} for i in range(3)]
+    f = client.files.create(file=("c.jsonl", io.BytesIO(_jsonl(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    done = _wait_batch(client, batch.id, ("completed", "failed"))
+    assert done.status == "completed"
+    out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert {o["response"]["body"]["object"] for o in out} == {"text_completion"}
+
+
+def test_invalid_lines_fail_the_batch_with_per_line_errors(client: openai.OpenAI) -> None:
+    lines = [
+        {"custom_id": "ok", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": TINY, "messages": [{"role": "user", "content": "fine"}]}},
+        {"custom_id": "bad-model", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "nope", "messages": [{"role": "user", "content": "x"}]}},
+    ]
+    raw = _jsonl(lines) + b"{not json\n"
+    f = client.files.create(file=("bad.jsonl", io.BytesIO(raw)), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = _wait_batch(client, batch.id, ("failed", "completed"))
+    assert done.status == "failed"
+    errors = {e.line: e for e in done.errors.data}  # type: ignore[union-attr]
+    assert "model" in (errors[2].message or "")
+    assert errors[3].code == "invalid_json"
+    lines = [{"custom_id": "m", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": TINY, "messages": [{"role": "robot", "content": "x"}]}}]
+    f = client.files.create(file=("bad2.jsonl", io.BytesIO(_jsonl(lines))), purpose="batch")
+    done = _wait_batch(client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                                     completion_window="24h").id, ("failed", "completed"))
+    assert done.status == "failed" and "messages[0].role" in (done.errors.data[0].message or "")  # type: ignore[union-attr]
+
+
+# More requests than the worker claims at once (its 8 task slots hold 64 requests each), so
+# some are surely still queued when the batch is cancelled.
+N_CANCEL = 1500
+
+
+def test_cancel_keeps_what_ran_and_cancels_the_rest(client: openai.OpenAI, store, worker) -> None:
+    lines = [{"custom_id": f"x{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": TINY, "prompt": "go", "max_tokens": 30, "min_tokens": 30, "ignore_eos": True}}
+             for i in range(N_CANCEL)]
+    f = client.files.create(file=("big.jsonl", io.BytesIO(_jsonl(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    _wait_batch(client, batch.id, ("in_progress",))
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    try:
+        done = _wait_batch(client, batch.id, ("cancelled",), timeout=60)
+    except AssertionError:
+        t = store.keys.tenant_by_name("acme")
+        print("COUNTS", store.batches.counts(t.id, batch.id))
+        for j in store.jobs.list_jobs(t.id, batch_id=batch.id, status="running", limit=5).jobs:
+            print("RUNNING", j.id, j.worker, j.attempts, j.started_at)
+        print(worker.log()[-3000:])
+        raise
+    deadline = time.monotonic() + 30
+    while done.output_file_id is None and time.monotonic() < deadline:
+        time.sleep(0.3)
+        done = client.batches.retrieve(batch.id)
+    assert done.output_file_id is not None
+    out = client.files.content(done.output_file_id).text.splitlines()
+    errs = client.files.content(done.error_file_id).text.splitlines() if done.error_file_id else []
+    assert len(out) + len(errs) == N_CANCEL and len(errs) > 0
+    assert {json.loads(e)["error"]["code"] for e in errs} <= {"batch_cancelled", "cancelled"}
+    assert done.request_counts.completed == len(out)
+
+
+def test_files_errors_and_tenant_isolation(client: openai.OpenAI, server: Server, key: str, other_key: str) -> None:
+    f = client.files.create(file=("mine.jsonl", io.BytesIO(b'{"a": 1}\n')), purpose="batch")
+    with server.client(other_key) as other:
+        assert other.get(f"/v1/files/{f.id}").status_code == 404
+        assert other.get(f"/v1/files/{f.id}/content").status_code == 404
+        assert other.delete(f"/v1/files/{f.id}").status_code == 404
+        r = other.post("/v1/batches", json={"input_file_id": f.id, "endpoint": "/v1/completions"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "input_file_id"
+    with server.client(key) as mine:
+        r = mine.post("/v1/files", files={"file": ("a.txt", b"x")}, data={"purpose": "fine-tune"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+        r = mine.post("/v1/files", files={"file": ("e.jsonl", b"")}, data={"purpose": "batch"})
+        assert r.status_code == 400
+        r = mine.post("/v1/files", json={"purpose": "batch"})
+        assert r.status_code == 415
+        r = mine.post("/v1/files", files={"purpose": (None, "batch")})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+        assert mine.post("/v1/files", data={"purpose": "batch"}).status_code == 415  # urlencoded
+        assert mine.get(f"/v1/files/{f.id}/content").content == b'{"a": 1}\n'
+    deleted = client.files.delete(f.id)
+    assert deleted.deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f.id)
+
+
+def test_batch_of_another_tenant_is_404(client: openai.OpenAI, server: Server, other_key: str) -> None:
+    lines = [{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": TINY, "prompt": "x",
+                                                                                    "max_tokens": 1}}]
+    f = client.files.create(file=("i.jsonl", io.BytesIO(_jsonl(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    with server.client(other_key) as other:
+        assert other.get(f"/v1/batches/{batch.id}").status_code == 404
+        assert other.post(f"/v1/batches/{batch.id}/cancel").status_code == 404
+        assert batch.id not in [b["id"] for b in other.get("/v1/batches").json()["data"]]
+    _wait_batch(client, batch.id, ("completed",))
+
+
+def test_file_over_the_size_limit_is_413(server: Server, key: str) -> None:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as c:
+        r = c.post("/v1/jobs", content=b"{" + b" " * (5 * 1024 * 1024) + b"}",
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 413

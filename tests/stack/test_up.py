@@ -1,0 +1,139 @@
+"""`tokenmill up`: the whole stack starts from nothing, serves a job, stops in order on Ctrl-C
+without losing queued work, and says plainly what is wrong when it cannot start."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from stack_helpers import submit, wait_final
+from store import Store
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _statuses(data_dir: Path, job_ids: list[str]) -> dict[str, str]:
+    store = Store.open(f"sqlite:///{data_dir / 'tokenmill.db'}")
+    try:
+        tenant = store.keys.tenant_by_name("local")
+        return {j: store.jobs.get_job(tenant.id, j).status for j in job_ids}
+    finally:
+        store.close()
+
+
+def test_up_serves_a_job_then_ctrl_c_stops_in_order_and_queued_jobs_survive_a_restart(up_factory, tmp_path):
+    # One task at a time, so that jobs submitted just before Ctrl-C are still queued when it lands.
+    stack = up_factory("first", env={"TOKENMILL_WORKER_CONCURRENCY": "1"}).start()
+    state = stack.wait_ready()
+    assert state["api_url"] == stack.api_url and state["redis_url"].startswith("redis://127.0.0.1:")
+    assert "first start" in stack.log() and "admin.key" in stack.log()
+    assert stack.secret("admin.key").startswith("tm-admin-")
+
+    with stack.client() as api:
+        first = submit(api, "What is the capital of France?", max_tokens=24)
+        job = wait_final(api, [first], timeout_s=90)[first]
+        assert job["status"] == "succeeded", job
+        assert "Paris" in job["result"]["output_text"]
+        assert job["usage"]["completion_tokens"] > 0
+        # The admin key works on the admin endpoints (the API got it from `up`).
+        admin = api.get("/v1/admin/tenants", headers={"Authorization": f"Bearer {stack.secret('admin.key')}"})
+        assert admin.status_code == 200, admin.text
+        queued = [submit(api, f"Count from one to fifty, number {i}.", max_tokens=40, ignore_eos=True)
+                  for i in range(5)]
+
+    started = time.monotonic()
+    assert stack.interrupt() == 0, stack.log()
+    log = stack.log()
+    order = [log.index(f"stopping: {part}") for part in ("the API", "1 worker", "Flower", "Redis")]
+    assert order == sorted(order), log
+    assert "Traceback" not in log
+    assert time.monotonic() - started < 120
+    assert not (stack.data_dir / "up.json").exists()
+    assert (stack.data_dir / "redis" / "appendonly.aof").stat().st_size > 0
+
+    # Nothing is left half-done: each job either finished (the worker's warm shutdown) or waits.
+    after_stop = _statuses(stack.data_dir, queued)
+    assert "running" not in after_stop.values(), after_stop
+    still_queued = [j for j, s in after_stop.items() if s == "queued"]
+    assert still_queued, f"every job finished before the stop landed: {after_stop}"
+    assert "queued task(s) wait for the next `tokenmill up`" in log
+
+    # The next start finds them in Redis's append-only file and runs them; the keys are not shown again.
+    again = up_factory("second", data_dir=stack.data_dir).start()
+    again.wait_ready()
+    assert "first start" not in again.log()
+    with again.client() as api:
+        done = wait_final(api, queued, timeout_s=120)
+    assert {j: d["status"] for j, d in done.items()} == {j: "succeeded" for j in queued}
+    assert again.interrupt() == 0, again.log()
+
+
+def _no_traceback(output: str) -> None:
+    assert "Traceback" not in output, output
+
+
+def test_a_taken_port_is_reported_plainly(up_factory):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        stack = up_factory(env={"TOKENMILL_API_PORT": str(port)}).start()
+        assert stack.run_to_exit(60) == 2
+    out = stack.log()
+    assert f"port taken: the API port {port}" in out and "TOKENMILL_API_PORT" in out
+    _no_traceback(out)
+
+
+def test_an_unreachable_database_is_reported_plainly(up_factory):
+    stack = up_factory(env={"TOKENMILL_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/tokenmill"}).start()
+    assert stack.run_to_exit(60) == 2
+    out = stack.log()
+    assert "is unreachable" in out and "TOKENMILL_DATABASE_URL" in out and "127.0.0.1:1" in out
+    _no_traceback(out)
+
+
+def test_a_model_that_cannot_load_is_reported_plainly(up_factory, tmp_path):
+    # A missing directory and an unknown built-in name are caught before anything starts.
+    missing = up_factory("missing", args=["--model", str(tmp_path / "nowhere")]).start()
+    assert missing.run_to_exit(60) == 2
+    assert "no model directory at" in missing.log()
+    _no_traceback(missing.log())
+    unknown = up_factory("unknown", args=["--model", "no-such-model"]).start()
+    assert unknown.run_to_exit(120) == 2
+    assert "cannot be loaded: unknown built-in model 'no-such-model'" in unknown.log()
+    _no_traceback(unknown.log())
+
+    # A directory the engine refuses is found by the worker: `up` gives up after a few tries and
+    # says why, instead of restarting it forever.
+    bad = tmp_path / "gpt2-model"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    stack = up_factory("bad", args=["--model", str(bad), "--no-flower"]).start()
+    assert stack.run_to_exit(240) == 2
+    out = stack.log()
+    assert "the worker could not load the model" in out and "GPT2LMHeadModel" in out, out
+    _no_traceback(out)
+    assert "stopping: Redis" in out  # what had started is stopped again
+
+
+def test_a_crashed_worker_is_restarted_and_serves_again(up_factory):
+    psutil = pytest.importorskip("psutil")
+    stack = up_factory(args=["--no-flower"]).start()
+    stack.wait_ready()
+    up = psutil.Process(stack.proc.pid)
+    worker = next(c for c in up.children() if "worker" in c.cmdline())
+    worker.kill()  # SIGKILL: no warm shutdown, as an OOM kill would do
+    deadline = time.monotonic() + 120
+    while "worker-cpu exited with code -9" not in stack.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "restarting in 1s" in stack.log(), stack.log()
+    with stack.client() as api:
+        job = submit(api, "Say yes.", max_tokens=4)
+        assert wait_final(api, [job], timeout_s=120)[job]["status"] == "succeeded"
+    replacement = next(c for c in up.children() if "worker" in c.cmdline())
+    assert replacement.pid != worker.pid
+    assert stack.interrupt() == 0
