@@ -54,9 +54,11 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
     """The first `length` positions of sequences' caches: [..., length, num_kv_heads, head_dim]."""
     block_size = cache.shape[1]
     n_blocks = -(-length // block_size)
-    blocks = cache[block_table[..., :n_blocks].long()]  # [..., n_blocks, block_size, Hkv, D]
-    shape = blocks.shape[:-4] + (n_blocks * block_size,) + blocks.shape[-2:]
-    return blocks.reshape(shape)[..., :length, :, :]
+    table = block_table[..., :n_blocks]
+    # index_select on a flat index is several times faster on CPU than advanced indexing.
+    blocks = cache.index_select(0, table.reshape(-1).long())  # [(...) * n_blocks, block_size, Hkv, D]
+    shape = table.shape[:-1] + (n_blocks * block_size,) + cache.shape[2:]
+    return blocks.view(shape)[..., :length, :, :]
 
 
 def _decode_batch(
