@@ -103,6 +103,12 @@ def test_job_submitted_mid_batch_joins_the_running_batch(store, celery_app, tena
     assert store.jobs.get_usage(tenant.id, long).completion_tokens == 500
 
 
+def keep_busy(store, celery_app, tenant, rng, n: int = 48) -> list[str]:
+    """Long jobs that share the engine's steps with a test's job, so it runs for seconds."""
+    return submit(store, celery_app, tenant, [job_payload(prompt=rand_prompt(rng, 8), params=greedy(400))
+                                              for _ in range(n)])
+
+
 def test_bad_request_fails_alone_with_a_clear_error(store, celery_app, tenant, worker):
     rng = random.Random(3)
     payloads = [job_payload(prompt=rand_prompt(rng, 6), params=greedy(4)),
@@ -124,10 +130,12 @@ def test_cancelling_queued_and_running_jobs(store, celery_app, tenant, worker, r
                       send=False)
     store.jobs.cancel(tenant.id, queued)
     send_job(celery_app, queued, MODEL)
-    # Running: aborted in the engine at the next step.
+    # Running: aborted in the engine at the next step. Company in the batch keeps the steps slow
+    # enough that the job is still generating when the cancel arrives.
+    company = keep_busy(store, celery_app, tenant, rng)
     [running] = submit(store, celery_app, tenant, [job_payload(prompt=rand_prompt(rng, 6), params=greedy(500))])
     wait_all(store, tenant, [running], statuses={"running"})
-    time.sleep(0.5)
+    time.sleep(0.2)
     store.jobs.cancel(tenant.id, running)
     redis_client.publish(CANCEL_CHANNEL, running)
     deadline = time.monotonic() + 30
@@ -138,6 +146,7 @@ def test_cancelling_queued_and_running_jobs(store, celery_app, tenant, worker, r
     usage = store.jobs.get_usage(tenant.id, running)
     assert 0 < usage.completion_tokens < 500  # it stopped early; the tokens it spent are counted
     assert store.jobs.get_job(tenant.id, running).status == "cancelled"
+    wait_all(store, tenant, company)
     time.sleep(1.5)
     assert store.jobs.get_job(tenant.id, queued).status == "cancelled"
     assert store.jobs.get_result(tenant.id, queued) is None
@@ -170,3 +179,20 @@ def test_bulk_chunks_run_and_stream_channel_carries_text(store, celery_app, tena
     assert finished and tokens == 12
     wait_all(store, tenant, [sid])
     assert store.jobs.get_result(tenant.id, sid).output_text == text
+
+
+def test_job_past_its_deadline_mid_run_is_stopped_as_expired(store, celery_app, tenant, worker, redis_client):
+    from datetime import datetime, timedelta, timezone
+
+    rng = random.Random(6)
+    deadline = datetime.now(timezone.utc) + timedelta(seconds=1.5)
+    [jid] = [c.id for c in store.jobs.create_jobs(tenant.id, [JobSpec(
+        model=MODEL, request=job_payload(prompt=rand_prompt(rng, 6), params=greedy(500)), expires_at=deadline)])]
+    send_job(celery_app, jid, MODEL)
+    company = keep_busy(store, celery_app, tenant, rng)  # slows the steps: 500 tokens outlast the deadline
+    jobs = wait_all(store, tenant, [jid], timeout=60)
+    assert jobs[jid].status == "expired"
+    usage = store.jobs.get_usage(tenant.id, jid)
+    assert usage is not None and 0 < usage.completion_tokens < 500  # stopped early, spent tokens counted
+    assert store.jobs.get_result(tenant.id, jid).finish_reason == "abort"
+    wait_all(store, tenant, company)
