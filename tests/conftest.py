@@ -38,3 +38,4 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
         return made[arch]
 
     return make
+

@@ -18,12 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from sqlalchemy import create_engine, text
 
+from pg_helpers import migrated_postgres
 from store import Store
-from store.migrate import upgrade
 
-PG_ADMIN = os.environ.get("TOKENMILL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TOKENMILL_TEST_API_REDIS_URL", "redis://127.0.0.1:6379/14")
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_KEY = "tm-admin-test-key"
@@ -33,18 +31,8 @@ TINY = "tiny"
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A migrated PostgreSQL database for the session, dropped afterwards."""
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    name = f"tokenmill_apitest_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    upgrade(url)
-    try:
+    with migrated_postgres("tokenmill_apitest") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")
