@@ -169,12 +169,23 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        if _refused_data(exc):
+            # The database refused a value the schema let through (PostgreSQL takes no NUL
+            # character in text): the request was wrong, not the server.
+            return error_response(400, "a field holds characters that cannot be stored (such as NUL)",
+                                  code="invalid_value")
         if is_outage(exc):
             log.warning("backing service unavailable: %r", exc)
             return error_response(503, "a backing service (database or Redis) is unavailable; retry shortly",
                                   code="service_unavailable", headers={"Retry-After": "2"})
         log.exception("unhandled error: %r", exc)
         return error_response(500, "internal error; the server log has the details", code="internal_error")
+
+
+def _refused_data(exc: BaseException) -> bool:
+    from sqlalchemy.exc import DataError
+
+    return isinstance(exc, DataError)
 
 
 def is_outage(exc: BaseException) -> bool:

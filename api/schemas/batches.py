@@ -16,7 +16,8 @@ class BatchCreate(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    input_file_id: str = Field(min_length=1, max_length=64)
+    input_file_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                               description="the id of an uploaded file with purpose 'batch'")
     endpoint: Literal["/v1/chat/completions", "/v1/completions"]
     completion_window: Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,3}h$")] = Field(
         "24h", description="hours, like '24h'")

@@ -72,6 +72,14 @@ def test_malformed_bodies_and_content_types(api: httpx.Client) -> None:
     assert r.status_code == 404 and "error" in r.json()
 
 
+def test_nul_characters_are_4xx_never_500(api: httpx.Client) -> None:
+    # PostgreSQL stores no NUL in text: found by schemathesis as a 500 on POST /v1/batches.
+    r = api.post("/v1/batches", json={"input_file_id": "file-\u0000x", "endpoint": "/v1/completions"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input_file_id"
+    r = api.post("/v1/jobs", json={"model": "tiny", "prompt": "a\u0000b", "idempotency_key": "k\u0000"})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+
+
 def test_openai_endpoints_refuse_unsupported_fields(api: httpx.Client) -> None:
     cases = [
         ("/v1/completions", {"model": TINY, "prompt": "x", "echo": True}, "echo"),
