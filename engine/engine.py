@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from engine.config import EngineConfig, ModelInfo
+from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, check_stop_token, find_stop, stop_holdback
 from engine.kv_cache import KVCacheManager
 from engine.loader import load_model, resolve_model
@@ -327,10 +327,6 @@ class Engine:
             prompt_tokens_total=self._prompt_tokens, generated_tokens_total=self._generated_tokens,
             prefix_cache_hit_tokens=self.kv.hits, preemptions=self.scheduler.num_preemptions,
             steps=self._steps, last_batch_size=self._last_batch, peak_batch_size=self._peak_batch)
-
-    @property
-    def model_info(self) -> ModelInfo:
-        return self.info
 
 
 def _is_model_dir(model: Any) -> bool:

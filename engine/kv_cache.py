@@ -47,7 +47,6 @@ class KVCacheManager:
         # Per request: how many of its blocks are registered in the prefix cache.
         self._num_hashed: dict[int, int] = {}
         self.hits = 0  # prompt tokens served from the cache, for metrics
-        self.queries = 0
 
     # -- queries -----------------------------------------------------------------------------
     @property
@@ -89,7 +88,6 @@ class KVCacheManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.queries += request.num_prompt_tokens
         return hits
 
     # -- changes -----------------------------------------------------------------------------

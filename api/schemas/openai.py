@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from api.schemas.messages import Messages
-from api.schemas.sampling import MAX_LOGPROBS, MAX_STOP, SEED_MAX, SEED_MIN, Number, StopString
+from api.schemas.sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN, Number, StopString, check_stop_count
 
 TokenId = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
 PromptText = Annotated[str, Field(min_length=1, max_length=10_000_000)]
@@ -66,9 +66,7 @@ class _SamplingFields(BaseModel):
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, value: object) -> object:
-        if isinstance(value, list) and len(value) > MAX_STOP:
-            raise ValueError(f"stop takes at most {MAX_STOP} strings, got {len(value)}")
-        return value
+        return check_stop_count(value)
 
     @field_validator("logit_bias")
     @classmethod

@@ -19,6 +19,13 @@ from pydantic import (
 
 MAX_LOGPROBS = 20  # engine.sampling_params.MAX_LOGPROBS
 MAX_STOP = 16
+
+
+def check_stop_count(value: object) -> object:
+    """The `stop` validator shared by every request schema: at most MAX_STOP strings."""
+    if isinstance(value, list) and len(value) > MAX_STOP:
+        raise ValueError(f"stop takes at most {MAX_STOP} strings, got {len(value)}")
+    return value
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch's manual_seed takes
 
 Number = StrictFloat | StrictInt
@@ -69,9 +76,7 @@ class SamplingParams(BaseModel):
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, value: object) -> object:
-        if isinstance(value, list) and len(value) > MAX_STOP:
-            raise ValueError(f"stop takes at most {MAX_STOP} strings, got {len(value)}")
-        return value
+        return check_stop_count(value)
 
     def engine_dict(self) -> dict[str, object]:
         """The fields that differ from the engine's defaults (what the job stores as ``params``)."""
