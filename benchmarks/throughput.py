@@ -136,30 +136,34 @@ def _gpu_engine_run(llm, prompts, outs, roof) -> dict:
     runner = llm.engine.runner
     execute = runner.execute
 
-    clock = {"execute": 0.0, "sampler": 0.0}
-    sampler = llm.engine.sampler
+    clock = {"execute": 0.0, "wait": 0.0}
 
-    def recorded(requests, num_tokens, sample_rows):
+    def recorded(requests, num_tokens, sample_rows, *rest):
         t = time.perf_counter()
-        out = execute(requests, num_tokens, sample_rows)
+        out = execute(requests, num_tokens, sample_rows, *rest)
         clock["execute"] += time.perf_counter() - t
         q, ctx = runner.last_step
         roof.record(q, ctx, len(sample_rows))
         return out
 
-    def timed_sampler(logits, requests):
-        # The step's one wait for the GPU is in here (fetching the token ids); the time outside
-        # execute and the sampler is host work the GPU sits idle through.
+    from engine.readback import SampledStep
+
+    read = SampledStep.read
+
+    def timed_read(step):
+        # The step's one wait for the GPU is in here (reading the token ids back); overlapped,
+        # it waits for the step before the one just launched. Time outside execute and this is
+        # host work, which overlapped steps do while the GPU computes.
         t = time.perf_counter()
-        out = sampler(logits, requests)
-        clock["sampler"] += time.perf_counter() - t
+        out = read(step)
+        clock["wait"] += time.perf_counter() - t
         return out
 
     params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outs]
     replays0 = runner.graphs.replays if runner.graphs is not None else 0
     stats0 = llm.engine.stats()
     runner.execute = recorded
-    llm.engine.sampler = timed_sampler
+    SampledStep.read = timed_read
     try:
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -168,7 +172,7 @@ def _gpu_engine_run(llm, prompts, outs, roof) -> dict:
         secs = time.perf_counter() - start
     finally:
         runner.execute = execute
-        llm.engine.sampler = sampler
+        SampledStep.read = read
     produced = sum(len(r.outputs[0].token_ids) for r in results)
     assert produced == sum(outs), (produced, sum(outs))
     stats = llm.engine.stats()
@@ -180,8 +184,8 @@ def _gpu_engine_run(llm, prompts, outs, roof) -> dict:
         "roofline_seconds": roof.seconds, "roofline_over_measured": roof.seconds / secs,
         "roofline_decode_steps": roof.decode_steps, "roofline_memory_bound_steps": roof.memory_bound_steps,
         "bytes_moved_floor": roof.bytes, "flops": roof.flops,
-        "seconds_in_execute": clock["execute"], "seconds_in_sampler": clock["sampler"],
-        "seconds_elsewhere": secs - clock["execute"] - clock["sampler"],
+        "seconds_in_execute": clock["execute"], "seconds_waiting_for_tokens": clock["wait"],
+        "seconds_elsewhere": secs - clock["execute"] - clock["wait"],
     }
 
 
@@ -285,7 +289,8 @@ def run_gpu_suite(args) -> None:
         t0 = time.perf_counter()
         llm = LLM(shape, device=device, dtype="bfloat16", load_format="dummy",
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+                  max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+                  overlap_steps=not args.no_overlap)
         engine = llm.engine
         kv_gib = engine.num_blocks * engine.runner.kv_bytes_per_block(engine.info, engine.block_size, engine.dtype) / 2**30
         print(f"  {shape}: engine ready in {time.perf_counter() - t0:.1f} s, KV pool {engine.num_blocks} blocks "
@@ -299,14 +304,15 @@ def run_gpu_suite(args) -> None:
             best = max((h["tokens_per_s"] for h in hf.get(w, [])), default=None)
             r.update(model=shape, workload=w, kv_blocks=engine.num_blocks, kv_gib=kv_gib,
                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                     cuda_graphs=not args.enforce_eager, transformers=hf.get(w, []),
+                     cuda_graphs=not args.enforce_eager, overlap_steps=not args.no_overlap,
+                     transformers=hf.get(w, []),
                      ratio_to_best_transformers=(r["tokens_per_s"] / best) if best else None)
             report["runs"].append(r)
             print(f"  {shape} ({w}): {r['output_tokens']} tokens in {r['seconds']:.1f} s = "
                   f"{r['tokens_per_s']:.0f} tok/s; roofline {r['roofline_seconds']:.1f} s "
                   f"({r['roofline_over_measured']:.2f} of measured); {r['steps']} steps, "
                   f"{r['graph_replays']} graph replays, {r['preemptions']} preemptions; host: "
-                  f"{r['seconds_in_execute']:.1f} s launching, {r['seconds_in_sampler']:.1f} s in the sampler "
+                  f"{r['seconds_in_execute']:.1f} s launching, {r['seconds_waiting_for_tokens']:.1f} s waiting for tokens "
                   f"(waits for the GPU), {r['seconds_elsewhere']:.1f} s elsewhere", flush=True)
             if args.json:  # after every run: a later one may not finish inside the call's limit
                 with open(args.json, "w") as f:
@@ -347,6 +353,8 @@ def main() -> None:
                     help="CUDA only: explicit pairs instead of a suite, e.g. qwen3-0.6b:c,llama-3.1-8b:a")
     ap.add_argument("--max-model-len", type=int, default=2048, help="CUDA only")
     ap.add_argument("--enforce-eager", action="store_true", help="CUDA only: no CUDA graphs")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="CUDA only: read each step's tokens back before launching the next")
     ap.add_argument("--no-hf", action="store_true", help="CUDA only: skip the transformers baseline")
     ap.add_argument("--hf-output-cap", type=int, default=None,
                     help="CUDA only: cap every transformers run's outputs at this many tokens (per-token rate)")

@@ -25,6 +25,9 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # CPU: KV pool size in bytes when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # CUDA: never capture graphs
+    # Launch step N+1 before reading step N's tokens, so the host's work hides behind the GPU's.
+    # None: on for CUDA, off elsewhere (a CPU computes while it launches: nothing to hide).
+    overlap_steps: bool | None = None
 
     def __post_init__(self) -> None:
         problems = []

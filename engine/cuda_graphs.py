@@ -106,14 +106,18 @@ class DecodeGraphs:
         return None
 
     def run(self, n: int, size: int, input_ids: torch.Tensor, positions: torch.Tensor,
-            slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+            slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+            fill_in: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Replays the graph of `size` (from `padded_size(n)`) and returns the logits of rows 0..n-1.
 
         The 1-D inputs hold `size` entries, padding included (slot -1, context length 0); they and
         `block_tables` ([n, width]) are host tensors (pinned on CUDA) copied in asynchronously.
         The returned logits are a view of the graph's output, valid until the next replay.
+        `fill_in`, if given, then writes the tokens still on the device into the static input ids.
         """
         self.input_ids[:size].copy_(input_ids, non_blocking=True)
+        if fill_in is not None:
+            fill_in(self.input_ids)
         self.positions[:size].copy_(positions, non_blocking=True)
         self.slot_mapping[:size].copy_(slot_mapping, non_blocking=True)
         self.context_lens[:size].copy_(context_lens, non_blocking=True)

@@ -3,6 +3,13 @@
 `Engine.step()` reads top to bottom: the scheduler picks the step's work, the runner computes
 logits, the sampler picks tokens, and each sequence's new token is checked against its stop
 conditions; finished requests leave at once and free their blocks.
+
+Overlapped steps (on by default on CUDA): a step is launched before the previous step's tokens are
+read back, so the host's bookkeeping runs while the GPU computes. A decode then takes its input
+token straight from the previous step's sampled tokens on the device; a request that the previous
+token ended (EOS, a stop string) has run one step too many, whose token is dropped. Requests whose
+sampling needs their latest token on the host (penalties, logprobs) turn the overlap off while
+they live.
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ from engine.detokenizer import IncrementalDetokenizer, check_stop_token, find_st
 from engine.kv_cache import KVCacheManager
 from engine.loader import load_model, resolve_model
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.readback import Readback, SampledStep
 from engine.request import Request, RequestStatus
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, TokenFeed
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -48,6 +56,7 @@ class _Group:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    stream: bool = True  # an output every step it changes, not only the final one
     seqs: list[_Sequence] = field(default_factory=list)
 
     @property
@@ -105,6 +114,11 @@ class Engine:
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, enforce_eager=config.enforce_eager)
         self.sampler = Sampler(self.info.vocab_size, self.eos_token_ids)
+        self.overlap_steps = (self.device.type == "cuda" if config.overlap_steps is None
+                              else config.overlap_steps)
+        self._readback = Readback(self.device, config.max_num_seqs)
+        self._in_flight: SampledStep | None = None  # launched, tokens not read yet
+        self._num_no_defer = 0  # live requests whose tokens must be read at once
         self._groups: dict[str, _Group] = {}
         self._seq_of: dict[int, tuple[_Group, _Sequence]] = {}
         self._prompt_tokens = 0
@@ -155,8 +169,11 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | None = None,
                     params: SamplingParams | None = None, *, messages: list[dict[str, Any]] | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
-        """Queues a request. Raises ValueError, naming what is wrong, for input it cannot run."""
+                    priority: int = 0, arrival_time: float | None = None, stream: bool = True) -> None:
+        """Queues a request. Raises ValueError, naming what is wrong, for input it cannot run.
+
+        With `stream=False`, `step` returns the request's output only once it has finished (the
+        offline path, where building an output per request per step is host time for nothing)."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         params = params or SamplingParams()
@@ -164,7 +181,7 @@ class Engine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         ids = self.tokenize(prompt, messages)
         self._validate_prompt(ids, params)
-        group = _Group(request_id, prompt if isinstance(prompt, str) else None, ids, params)
+        group = _Group(request_id, prompt if isinstance(prompt, str) else None, ids, params, stream)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         for i in range(params.n):
             req = Request(request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
@@ -178,6 +195,8 @@ class Engine:
             self._seq_of[id(req)] = (group, seq)
             self.scheduler.add(req)
         self._groups[request_id] = group
+        if not Sampler.can_defer(params):
+            self._num_no_defer += 1
         self._prompt_tokens += len(ids) * params.n
 
     def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
@@ -214,31 +233,75 @@ class Engine:
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one batch step; returns an output for every request that changed."""
+        """Runs one batch step; returns an output for every request that changed.
+
+        Overlapped, the outputs are those of the previous step, read while this one runs."""
+        overlap = self.overlap_steps and self._num_no_defer == 0
+        outputs: list[RequestOutput] = []
+        if not overlap and self._in_flight is not None:
+            outputs = self._process(self._in_flight)
+            self._in_flight = None
         batch = self.scheduler.schedule()
-        if not batch.requests:
-            return []
-        # Requests whose chunk reaches the end of their known tokens get a new token this step.
+        launched = self._launch(batch, defer=overlap) if batch.requests else None
+        if self._in_flight is not None:
+            outputs += self._process(self._in_flight)
+            self._in_flight = None
+        if launched is not None:
+            if overlap:
+                self._in_flight = launched
+            else:
+                outputs += self._process(launched)
+        return outputs
+
+    def _launch(self, batch: Any, defer: bool) -> SampledStep | None:
+        """Runs the model and the sampler on the step (asynchronously on a GPU); with `defer` the
+        tokens are left on the device and counted as pending."""
+        # Requests whose chunk reaches the end of their tokens get a new token this step.
         sample_rows = [i for i, (r, n) in enumerate(zip(batch.requests, batch.num_tokens))
                        if r.num_computed_tokens + n == r.num_tokens]
-        logits = self.runner.execute(batch.requests, batch.num_tokens, sample_rows)
+        feed = None
+        if self._in_flight is not None:
+            # Decodes whose input is the token the step in flight sampled.
+            rows = [i for i, r in enumerate(batch.requests)
+                    if r.num_pending and r.num_computed_tokens >= r.num_known_tokens]
+            if rows:
+                feed = TokenFeed(self._in_flight.tokens, rows, [batch.requests[i].pending_index for i in rows])
+        logits = self.runner.execute(batch.requests, batch.num_tokens, sample_rows, feed)
         self._last_batch = len(batch.requests)
         self._peak_batch = max(self._peak_batch, self._last_batch)
         self.scheduler.after_step(batch)
         self._steps += 1
-        sampled_reqs = [batch.requests[i] for i in sample_rows]
-        picks = self.sampler(logits, sampled_reqs) if sampled_reqs else []
+        sampled = [batch.requests[i] for i in sample_rows]
+        if not sampled:
+            return None
+        raw, tokens = self.sampler.sample_tokens(logits, sampled)
+        if not defer:
+            return SampledStep(sampled, tokens, self.sampler.results(raw, tokens, [r.params for r in sampled]))
+        for j, r in enumerate(sampled):
+            r.num_pending += 1
+            r.pending_index = j
+            if (len(r.output_token_ids) + r.num_pending >= r.params.max_tokens
+                    or r.num_tokens >= self.max_model_len):
+                r.final_pending = True  # ends by length: no step after this one
+        return self._readback.start(sampled, tokens)
+
+    def _process(self, step: SampledStep) -> list[RequestOutput]:
+        """Appends a launched step's tokens to their requests; outputs of those that changed."""
+        deferred = step.picks is None  # its tokens were counted as pending at launch
+        picks = step.read()
         changed: dict[str, _Group] = {}
         now = time.monotonic()
-        for req, pick in zip(sampled_reqs, picks):
-            group, seq = self._seq_of[id(req)]
+        for req, pick in zip(step.requests, picks):
+            if deferred:
+                req.num_pending -= 1
+            entry = self._seq_of.get(id(req))
+            if entry is None or req.is_finished:
+                continue  # ended by an earlier token (or aborted): this one is dropped
+            group, seq = entry
             self._append_token(seq, pick, now)
             changed[group.request_id] = group
-        outputs = []
-        for group in changed.values():
-            finished = group.finished
-            outputs.append(self._output(group, final=finished))
-        return outputs
+        return [self._output(group, final=done) for group in changed.values()
+                if (done := group.finished) or group.stream]
 
     def _append_token(self, seq: _Sequence, pick: Any, now: float) -> None:
         req = seq.request
@@ -267,7 +330,7 @@ class Engine:
                         req.stop_reason = stop
                         self._finish(seq, "stop")
                         return
-        if len(req.output_token_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+        if len(req.output_token_ids) >= req.params.max_tokens or req.num_known_tokens >= self.max_model_len:
             if seq.detok is not None:
                 seq.text += seq.detok.flush()  # a character left incomplete at the end
             self._finish(seq, "length")
@@ -282,6 +345,8 @@ class Engine:
 
     def _release(self, group: _Group) -> None:
         del self._groups[group.request_id]
+        if not Sampler.can_defer(group.params):
+            self._num_no_defer -= 1
         for seq in group.seqs:
             self._seq_of.pop(id(seq.request), None)
 

@@ -140,7 +140,10 @@ class KVCacheManager:
         """Registers the request's newly filled blocks in the prefix cache (after a step)."""
         if not self.enable_prefix_caching:
             return
-        full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        # A pending token (sampled, not yet read back) is computed but cannot be hashed yet: its
+        # block is registered at a later step.
+        known = min(request.num_computed_tokens, request.num_known_tokens)
+        full = min(known // self.block_size, len(request.block_ids))
         done = self._num_hashed.get(id(request), 0)
         if full <= done:
             return

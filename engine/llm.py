@@ -72,7 +72,7 @@ class LLM:
             order.append(rid)
             try:
                 self.engine.add_request(rid, item.get("prompt"), p, messages=item.get("messages"),
-                                        priority=prio)
+                                        priority=prio, stream=False)
             except ValueError as e:
                 results[rid] = _error_output(rid, item.get("prompt"), str(e))
         self._drain(results, n - len(results), progress)
@@ -87,11 +87,10 @@ class LLM:
             bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[rate]:>9.1f} tok/s"), TimeRemainingColumn())
             task = bar.add_task("gen", total=todo, rate=0.0)
-            start, tokens = time.perf_counter(), 0
+            start, tokens0 = time.perf_counter(), self.engine.stats().generated_tokens_total
 
             def on_step(outs: list[RequestOutput]) -> None:
-                nonlocal tokens
-                tokens += sum(len(c.delta_token_ids) for o in outs for c in o.outputs)
+                tokens = self.engine.stats().generated_tokens_total - tokens0
                 rate = tokens / max(time.perf_counter() - start, 1e-9)
                 bar.update(task, advance=sum(o.finished for o in outs), rate=rate)
 

@@ -56,6 +56,12 @@ class Request:
     finish_time: float | None = None
     num_preemptions: int = 0
     seq_index: int = 0  # which of the prompt's n completions this is
+    # Overlapped steps: tokens sampled on the device whose ids the host has not read yet (at most
+    # one per step in flight), where the latest one sits in its step's sampled-token tensor, and
+    # whether the pending tokens already end the request by length (then it is not scheduled again).
+    num_pending: int = 0
+    pending_index: int = -1
+    final_pending: bool = False
 
     def __post_init__(self) -> None:
         if self.params.seed is not None and self.generator is None:
@@ -68,7 +74,12 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Prompt plus output tokens so far."""
+        """Prompt plus output tokens so far, pending ones (sampled, not yet read back) included."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt plus output tokens whose ids the host holds (`all_token_ids`)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -82,4 +93,6 @@ class Request:
     @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens that still need a forward pass before the next token can be sampled."""
+        if self.final_pending:
+            return 0
         return self.num_tokens - self.num_computed_tokens

@@ -7,9 +7,15 @@ request's block ids are kept in a persistent table and only newly added blocks a
 
 On CUDA, decode-only steps replay a captured CUDA graph (engine.cuda_graphs) unless
 `enforce_eager`; every other step (prefill, chunked prefill, mixed) runs eagerly.
+
+With overlapped steps (see engine.engine) a decode row's input token may still be on the device,
+sampled by the step before: the host writes a placeholder and a `TokenFeed` names where the real
+token is, so the device copies it in before the forward pass.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +24,16 @@ from engine.config import ModelInfo
 from engine.cuda_graphs import DecodeGraphs
 from engine.request import Request
 from kernels import AttnMetadata
+
+
+@dataclass
+class TokenFeed:
+    """Input tokens that are still on the device: row `rows[i]` of the step takes
+    `tokens[src[i]]`, a token the previous step sampled."""
+
+    tokens: torch.Tensor
+    rows: list[int]
+    src: list[int]
 
 
 class _StepBuffers:
@@ -33,12 +49,15 @@ class _StepBuffers:
         self.query_start_t = buf(max_seqs + 1, torch.int32)
         self.context_lens_t = buf(max_seqs, torch.int32)
         self.sample_idx_t = buf(max_seqs, torch.int64)
+        self.feed_dst_t = buf(max_seqs, torch.int64)
+        self.feed_src_t = buf(max_seqs, torch.int64)
         # Flat, viewed as [seqs, width] with the step's own width, so a step copies only the
         # columns it uses.
         self.tables_t = buf(max_seqs * max_blocks, torch.int32)
         self.ids, self.positions, self.slots = self.ids_t.numpy(), self.positions_t.numpy(), self.slots_t.numpy()
         self.query_start, self.context_lens = self.query_start_t.numpy(), self.context_lens_t.numpy()
         self.sample_idx, self.tables = self.sample_idx_t.numpy(), self.tables_t.numpy()
+        self.feed_dst, self.feed_src = self.feed_dst_t.numpy(), self.feed_src_t.numpy()
         # Recorded after the copies that read these buffers; waited on before they are refilled.
         self.copied: torch.cuda.Event | None = None
 
@@ -215,8 +234,10 @@ class ModelRunner:
         ids = buf.ids[:total]
         if max_q == 1:
             # The token at position num_computed_tokens of each sequence.
+            # A pending token (still on the device) gets a placeholder; a TokenFeed fills it in.
             ids[:] = [r.prompt_token_ids[s] if s < len(r.prompt_token_ids)
-                      else r.output_token_ids[s - len(r.prompt_token_ids)]
+                      else r.output_token_ids[s - len(r.prompt_token_ids)] if not r.num_pending
+                      or s < r.num_known_tokens else 0
                       for r, s in zip(requests, starts.tolist())]
             positions = starts
             seq_of_token = None
@@ -225,7 +246,9 @@ class ModelRunner:
             for r, s, c in zip(requests, starts.tolist(), num_tokens):
                 # Slices of the prompt and output lists, not a concatenation of the whole sequence.
                 p = r.num_prompt_tokens
-                if s + c <= p:
+                if r.num_pending and s >= r.num_known_tokens:
+                    ids[offset:offset + c] = 0  # a pending token: a TokenFeed fills it in
+                elif s + c <= p:
                     ids[offset:offset + c] = r.prompt_token_ids[s:s + c]
                 elif s >= p:
                     ids[offset:offset + c] = r.output_token_ids[s - p:s - p + c]
@@ -253,7 +276,8 @@ class ModelRunner:
         self.last_step = (counts, ends)
         return total, max_q, int(ends.max()), width
 
-    def prepare(self, requests: list[Request], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+    def prepare(self, requests: list[Request], num_tokens: list[int],
+                feed: TokenFeed | None = None) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
         """Flat token ids, positions and attention metadata for the step, on the device."""
         buf = self._next_buffers()
         total, max_q, max_ctx, width = self._fill(buf, requests, num_tokens)
@@ -271,9 +295,22 @@ class ModelRunner:
             max_query_len=max_q,
             max_context_len=max_ctx,
         )
-        out = put(buf.ids_t[:total]), put(buf.positions_t[:total]), meta
+        input_ids = put(buf.ids_t[:total])
+        if feed is not None and feed.rows:
+            # Each fed row is a decode: its one token is the last of its query.
+            self._apply_feed(buf, feed, input_ids, buf.query_start[1:n + 1][feed.rows] - 1)
+        out = input_ids, put(buf.positions_t[:total]), meta
         self._mark_copied(buf)
         return out
+
+    def _apply_feed(self, buf: _StepBuffers, feed: TokenFeed, input_ids: torch.Tensor, dst: np.ndarray) -> None:
+        """Copies the fed tokens, on the device, into `input_ids` at flat positions `dst`."""
+        k = len(feed.rows)
+        buf.feed_dst[:k] = dst
+        buf.feed_src[:k] = feed.src
+        dst_t = buf.feed_dst_t[:k].to(self.device, non_blocking=True)
+        src_t = buf.feed_src_t[:k].to(self.device, non_blocking=True)
+        input_ids.index_copy_(0, dst_t, feed.tokens.index_select(0, src_t))
 
     def _mark_copied(self, buf: _StepBuffers) -> None:
         if self.device.type == "cuda":
@@ -282,21 +319,29 @@ class ModelRunner:
             buf.copied.record()
 
     @torch.inference_mode()
-    def execute(self, requests: list[Request], num_tokens: list[int], sample_rows: list[int]) -> torch.Tensor:
-        """Runs the step; returns float32 logits of the last token of each request in `sample_rows`."""
+    def execute(self, requests: list[Request], num_tokens: list[int], sample_rows: list[int],
+                feed: TokenFeed | None = None) -> torch.Tensor:
+        """Runs the step; returns float32 logits of the last token of each request in `sample_rows`.
+
+        `feed` names the rows whose input token is still on the device (overlapped steps)."""
         n = len(requests)
         graphs = self.graphs
         if graphs is not None and n <= graphs.max_batch and max(num_tokens) == 1:
             size = graphs.padded_size(n)
             buf = self._next_buffers()
             _, _, _, width = self._fill(buf, requests, num_tokens, pad_to=size)
+
+            def fill_in(input_ids: torch.Tensor) -> None:
+                self._apply_feed(buf, feed, input_ids, np.asarray(feed.rows))
+
             logits = graphs.run(n, size, buf.ids_t[:size], buf.positions_t[:size], buf.slots_t[:size],
-                                buf.context_lens_t[:size], buf.tables_t[:n * width].view(n, width))
+                                buf.context_lens_t[:size], buf.tables_t[:n * width].view(n, width),
+                                fill_in if feed is not None and feed.rows else None)
             self._mark_copied(buf)
             if len(sample_rows) != n:
                 logits = logits[torch.as_tensor(sample_rows, device=logits.device)]
             return logits
-        input_ids, positions, meta = self.prepare(requests, num_tokens)
+        input_ids, positions, meta = self.prepare(requests, num_tokens, feed)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sample_rows:  # only middle chunks of prompts: the cache writes were the work
             return torch.empty((0, self.info.vocab_size), dtype=torch.float32, device=self.device)

@@ -78,10 +78,23 @@ class Sampler:
         raw model logits, before penalties, temperature and filters (what vLLM and OpenAI report by
         default). When `params.logprobs` is None no logprob is computed and `logprob` is NaN.
         """
+        if not requests:
+            return []
+        raw, tokens = self.sample_tokens(logits, requests)
+        return self.results(raw, tokens, [r.params for r in requests])
+
+    @staticmethod
+    def can_defer(params: SamplingParams) -> bool:
+        """Whether a request's tokens may be read back a step late: not when penalties need its
+        latest token or logprobs are asked for."""
+        return (params.logprobs is None and params.repetition_penalty == 1.0
+                and params.frequency_penalty == 0.0 and params.presence_penalty == 0.0)
+
+    def sample_tokens(self, logits: torch.Tensor, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen token of each row as a tensor on the logits' device (the greedy path never
+        waits for the device), with the raw logits that `__call__` computes logprobs from."""
         raw, x, greedy = self._prepare(logits, requests)
         n = len(requests)
-        if n == 0:
-            return []
         if all(greedy):
             tokens = x.argmax(dim=-1)
         else:
@@ -94,7 +107,7 @@ class Sampler:
                 ri = torch.tensor(random_rows, device=x.device)
                 tokens[gi] = x[gi].argmax(dim=-1)
                 tokens[ri] = self._draw(x[ri], [requests[i] for i in random_rows])
-        return self._results(raw, tokens, [r.params for r in requests])
+        return raw, tokens
 
     def probabilities(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """The distribution each row's next token would be drawn from, [N, V] float32.
@@ -213,7 +226,7 @@ class Sampler:
         cols: list[int] = []
         for i, r in enumerate(requests):
             p = r.params
-            if len(r.output_token_ids) >= p.min_tokens:
+            if len(r.output_token_ids) + r.num_pending >= p.min_tokens:
                 continue
             # With ignore_eos, EOS ends nothing, so there is no reason to forbid it.
             enders = (
@@ -290,9 +303,11 @@ class Sampler:
     # -- results -----------------------------------------------------------------------------------
 
     @staticmethod
-    def _results(
+    def results(
         raw: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]
     ) -> list[TokenLogprob]:
+        """Per row: the chosen token and, where `params.logprobs` asks, its logprob and the top N
+        (reads the tokens back from the device)."""
         token_ids = tokens.tolist()
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         out = [TokenLogprob(token_id=t, logprob=math.nan) for t in token_ids]

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 MAX_LOGPROBS = 20
+# Below this a seen token's logit divided by the penalty overflows float32 (the penalty itself
+# rounds to zero or a subnormal there): the row becomes inf/NaN and sampling reads past the vocabulary.
+MIN_REPETITION_PENALTY = 0.01
 
 
 @dataclass
@@ -79,8 +82,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 yield f"{name} must be in [-2, 2], got {getattr(self, name)}"
-        if self.repetition_penalty <= 0:
-            yield f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+        if self.repetition_penalty < MIN_REPETITION_PENALTY:
+            yield f"repetition_penalty must be >= {MIN_REPETITION_PENALTY}, got {self.repetition_penalty}"
         if self.seed is not None and not is_int(self.seed):
             yield f"seed must be an integer, got {self.seed!r}"
         if not all(isinstance(s, str) and s for s in self.stop):

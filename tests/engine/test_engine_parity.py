@@ -1,6 +1,7 @@
 """Greedy generation through the whole engine equals transformers' `generate`, token for token,
 for every supported architecture, with prefix caching on and off, chunked prefill forced, and
-preemption forced by a KV pool too small for the batch."""
+preemption forced by a KV pool too small for the batch; each with steps run one at a time and
+overlapped (a step launched before the previous step's tokens are read)."""
 
 from __future__ import annotations
 
@@ -58,11 +59,12 @@ def references(tiny_model_dir):
     return get
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_transformers(arch, mode, tiny_model_dir, references):
+def test_greedy_matches_transformers(arch, mode, overlap, tiny_model_dir, references):
     prompts, expected = references(arch)
-    llm = LLM(str(tiny_model_dir(arch)), dtype="float32", **MODES[mode])
+    llm = LLM(str(tiny_model_dir(arch)), dtype="float32", overlap_steps=overlap, **MODES[mode])
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in MAX_TOKENS]
     outs = llm.generate(prompts, params)
     assert [o.token_ids for o in outs] == expected
