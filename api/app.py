@@ -17,6 +17,7 @@ from api.errors import install_error_handlers
 from api.metrics import RequestMetrics
 from api.middleware import RequestGuard
 from api.queue import Dispatcher
+from api.reconciler import Reconciler
 from api.registry import ModelRegistry
 from api.routes import admin, batches, files, jobs, openai, ops, usage
 from api.state import ApiState
@@ -42,16 +43,20 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
     state = ApiState(config=config, store=the_store, dispatcher=dispatcher, registry=registry,
                      submitter=Submitter(the_store, dispatcher), metrics=metrics)
     state.batches = BatchRunner(config, the_store, dispatcher, registry)
+    state.reconciler = Reconciler(the_store, dispatcher, interval_s=config.reconcile_interval_s,
+                                  min_age_s=config.reconcile_min_age_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.aioredis = aioredis.Redis.from_url(config.redis_url, socket_connect_timeout=2)
         state.submitter.start()
         state.batches.start()  # type: ignore[attr-defined]
+        state.reconciler.start()  # type: ignore[attr-defined]
         try:
             yield
         finally:
             await state.submitter.stop()
+            state.reconciler.stop()  # type: ignore[attr-defined]
             state.batches.stop()  # type: ignore[attr-defined]
             await app.state.aioredis.aclose()
             dispatcher.close()

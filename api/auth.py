@@ -3,17 +3,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from api.errors import ApiError
 from api.state import ApiState, get_state
+
+log = logging.getLogger(__name__)
+
+# A counter in Redis, bumped by whoever revokes a key (the admin endpoints, `tokenmill keys revoke`).
+# Every API process reads it on each request: a cached key checked under an older count is checked
+# against the store again, so a revocation applies at once in every process.
+REVOCATIONS_KEY = "tokenmill:keys:revocations"
 
 
 @dataclass(frozen=True)
@@ -28,36 +38,40 @@ class Principal:
 class KeyCache:
     """Checked keys for a short time, so a busy client does not cost a database read per request.
 
-    Revoking a key through this process takes effect at once; through another process, within
-    ``ttl_s`` seconds.
+    An entry holds only while the revocation count (``REVOCATIONS_KEY``) is the one it was checked
+    under: any announced revocation, in any process, empties it at once. A revocation nobody
+    announced (SQL by hand) takes effect within ``ttl_s`` seconds; with Redis unreachable nothing
+    is cached.
     """
 
     def __init__(self, ttl_s: float) -> None:
         self._ttl = ttl_s
-        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._entries: dict[str, tuple[float, Principal, bytes]] = {}
         self._lock = threading.Lock()
 
-    def get(self, digest: str) -> Principal | None:
+    def get(self, digest: str, generation: bytes | None = b"") -> Principal | None:
         with self._lock:
             hit = self._entries.get(digest)
-        if hit is None or time.monotonic() - hit[0] > self._ttl:
+        if hit is None or generation is None or hit[2] != generation or time.monotonic() - hit[0] > self._ttl:
             return None
         return hit[1]
 
-    def put(self, digest: str, principal: Principal) -> None:
+    def put(self, digest: str, principal: Principal, generation: bytes | None = b"") -> None:
+        if generation is None:
+            return
         with self._lock:
             if len(self._entries) > 10_000:
                 self._entries.clear()
-            self._entries[digest] = (time.monotonic(), principal)
+            self._entries[digest] = (time.monotonic(), principal, generation)
 
     def forget_key(self, key_id: str) -> None:
         with self._lock:
-            for d in [d for d, (_, p) in self._entries.items() if p.key_id == key_id]:
+            for d in [d for d, (_, p, _) in self._entries.items() if p.key_id == key_id]:
                 del self._entries[d]
 
     def forget_tenant(self, tenant_id: str) -> None:
         with self._lock:
-            for d in [d for d, (_, p) in self._entries.items() if p.tenant_id == tenant_id]:
+            for d in [d for d, (_, p, _) in self._entries.items() if p.tenant_id == tenant_id]:
                 del self._entries[d]
 
 
@@ -84,14 +98,40 @@ async def authenticate(request: Request, state: ApiState = Depends(get_state)) -
         return Principal(None, None, admin=True)
     cache: KeyCache = request.app.state.key_cache
     digest = hashlib.sha256(token.encode()).hexdigest()
-    principal = cache.get(digest)
+    generation = await _revocations(request)
+    principal = cache.get(digest, generation)
     if principal is None:
         key = await run_in_threadpool(state.store.keys.authenticate, token)
         if key is None:
             raise _unauthorized("invalid or revoked API key")
         principal = Principal(key.tenant_id, key.id)
-        cache.put(digest, principal)
+        cache.put(digest, principal, generation)
     return principal
+
+
+async def _revocations(request: Request) -> bytes | None:
+    """The revocation count now (b"" before any), or None when Redis cannot say (then the store
+    is asked for every request)."""
+    client = getattr(request.app.state, "aioredis", None)
+    if client is None:
+        return None
+    try:
+        value = await asyncio.wait_for(client.get(REVOCATIONS_KEY), timeout=0.5)
+    except Exception:  # noqa: BLE001 - Redis down or slow: check the key in the store instead
+        return None
+    return value or b""
+
+
+def announce_revocation(client: Any) -> bool:
+    """Tells every API process that a key was revoked (call it after the revocation is committed;
+    ``client`` is a synchronous Redis client). False if Redis could not be told: processes then
+    notice within their cache time (2 s)."""
+    try:
+        client.incr(REVOCATIONS_KEY)
+        return True
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not announce a key revocation to the API processes: %r", exc)
+        return False
 
 
 async def tenant(principal: Principal = Depends(authenticate)) -> Principal:

@@ -116,7 +116,10 @@ class BatchRunner:
             except (InvalidTransition, NotFound) as exc:
                 log.info("batch %s not ingested: %s", batch_id, exc)
                 return
-            if report.ok and model:
+            if report.stopped:
+                log.info("batch %s left validating while it was ingested (%s): nothing is sent", batch_id,
+                         report.stopped)
+            elif report.ok and model:
                 self.enqueue(tenant_id, batch_id, model[0])
         except Exception:
             log.exception("ingesting batch %s failed", batch_id)
@@ -124,12 +127,13 @@ class BatchRunner:
             self._dispatcher.unlock(lock)
 
     def enqueue(self, tenant_id: str, batch_id: str, model: str) -> int:
-        """Sends the batch's queued jobs as bulk tasks; returns how many were sent."""
+        """Sends the batch's queued jobs as bulk tasks; returns how many were sent. The store hands
+        out a batch's jobs only while it is ``in_progress``: a batch cancelled meanwhile has no
+        more of its tasks sent (and its jobs already sent are cancelled, so workers skip them)."""
         sent = 0
         page: list[str] = []
         try:
-            for job_id in self._store.jobs.iter_job_ids(tenant_id, batch_id=batch_id, status="queued",
-                                                        page_size=SEND_PAGE):
+            for job_id in self._store.batches.queued_job_ids(tenant_id, batch_id, page_size=SEND_PAGE):
                 page.append(job_id)
                 if len(page) >= SEND_PAGE:
                     self._dispatcher.send_bulk(page, model)

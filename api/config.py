@@ -27,3 +27,5 @@ class ApiConfig:
     batch_interval_s: float = 2.0  # how often each API process moves open batches along
     auth_cache_s: float = 2.0  # how long a checked API key is trusted before asking the store again
     run_batch_loop: bool = True
+    reconcile_interval_s: float = 10.0  # how often the reconciler looks for jobs Redis lost (<= 0: never)
+    reconcile_min_age_s: float = 30.0  # how long a job waits or runs before the reconciler looks for it

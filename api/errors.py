@@ -147,6 +147,13 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 404 and message == "Not Found":
             message = "no such endpoint; see /docs for the API"
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            # FastAPI's words for a body its parser raised on (invalid UTF-8, JSON nested past
+            # Python's recursion limit, a broken multipart form)
+            multipart = request.headers.get("content-type", "").lower().startswith("multipart/")
+            what = "a multipart form" if multipart else "JSON (it is not UTF-8, or it is nested too deeply)"
+            return error_response(400, f"the request body could not be read as {what}",
+                                  code="invalid_multipart" if multipart else "invalid_json")
         if exc.status_code == 405:
             # Starlette names the methods of the first route that matched the path; a path served
             # by several routes (GET and POST /v1/jobs) allows all of theirs.

@@ -3,6 +3,7 @@ cancellation, and the workers' live figures. Only `workers.app` is used: no torc
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -19,6 +20,7 @@ from workers.app import (
     PRIORITY_INTERACTIVE,
     PRIORITY_STEPS,
     TASK_GENERATE,
+    TASK_GENERATE_BULK,
     QueueConfig,
     make_celery,
     queue_for,
@@ -28,6 +30,45 @@ from workers.app import (
 
 log = logging.getLogger(__name__)
 WORKER_KEYS = "tokenmill:worker:*"  # WORKER_STATS_KEY with any hostname
+
+
+UNACKED_KEY = "unacked"  # kombu's Redis transport: tasks delivered to a worker, not yet acknowledged
+# Take the lock if it is free, or renew it if the caller's token holds it.
+_HOLD_LOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return 1
+end
+return 0
+"""
+
+
+def _message_job_ids(message: dict[str, Any]) -> set[str]:
+    """The job ids one task message carries: its task id for a generate task, the job ids in its
+    arguments for a bulk task (whose id is only its first job's)."""
+    headers = message.get("headers") or {}
+    task = headers.get("task")
+    if task == TASK_GENERATE:
+        return {str(headers.get("id"))}
+    if task == TASK_GENERATE_BULK:
+        try:
+            body = message["body"]
+            if (message.get("properties") or {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args = json.loads(body)[0]
+            return {str(job_id) for job_id in args[0]}
+        except (KeyError, IndexError, TypeError, ValueError):
+            return set()
+    return set()
+
+
+def _task_job_ids(raw: bytes) -> set[str]:
+    try:
+        return _message_job_ids(json.loads(raw))
+    except (ValueError, TypeError, AttributeError):
+        return set()
 
 
 class QueueUnavailable(Exception):
@@ -64,6 +105,7 @@ class Dispatcher:
         }
         self.celery.conf.broker_connection_timeout = 2
         self.redis = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+        self._hold = self.redis.register_script(_HOLD_LOCK)
         self._depth_cache_s = depth_cache_s
         self._depths: dict[str, tuple[float, QueueDepth]] = {}
         self._lock = threading.Lock()
@@ -77,23 +119,25 @@ class Dispatcher:
             raise QueueUnavailable(str(exc)) from exc
 
     def send_many(self, jobs: list[tuple[str, str, bool]]) -> int:
-        """Enqueues stored jobs ``(job_id, model, bulk)`` in order over one producer (one Redis
-        connection for the lot); returns how many were sent before Redis refused, if it did.
+        """Enqueues stored jobs ``(job_id, model, bulk)`` in order, all in one Redis round trip
+        (kombu's publish batch: the tasks and their task-sent events go out as one pipeline);
+        returns how many were sent: all, or 0 when Redis refused.
 
         The task is exactly `workers.app.send_job`'s (name, arguments, id, queue, priority): only
-        the producer is shared.
+        the producer and the round trip are shared. A pipeline cut short may have delivered some
+        of them; they count as unsent, and the reconciler, which looks in Redis first, sends only
+        the ones that are missing.
         """
-        sent = 0
         now = time.time()
         try:
-            with self.celery.producer_or_acquire() as producer:
+            with self.celery.producer_or_acquire() as producer, producer.batch(max_size=2 * len(jobs) + 8):
                 for job_id, model, bulk in jobs:
                     self.celery.send_task(TASK_GENERATE, args=[job_id, now], task_id=job_id, queue=queue_for(model),
                                           priority=PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE, producer=producer)
-                    sent += 1
         except Exception as exc:
-            log.warning("Redis took %d of %d tasks: %r", sent, len(jobs), exc)
-        return sent
+            log.warning("Redis refused a group of %d tasks: %r", len(jobs), exc)
+            return 0
+        return len(jobs)
 
     def cached_depth(self, model: str) -> QueueDepth | None:
         """The model's queue depth if a fresh figure is at hand (no I/O), else None."""
@@ -151,6 +195,36 @@ class Dispatcher:
             row["hostname"] = key.decode().split(":", 2)[-1]
             out.append(row)
         return out
+
+    def hold(self, name: str, token: str, ttl_s: float) -> bool:
+        """Takes or keeps a cross-process lock that lasts ``ttl_s`` seconds unless renewed: True
+        when ``token`` (the caller's own) holds it now. The holder keeps it by calling again in
+        time; another process takes it over only once it lapses."""
+        return bool(self._hold(keys=[f"tokenmill:lock:{name}"], args=[token, max(1, int(ttl_s * 1000))]))
+
+    def job_ids_in_queue(self, model: str, wanted: set[str], *, page: int = 1000) -> set[str]:
+        """Which of ``wanted`` job ids have a task in Redis now: waiting in the model's queue (any
+        priority) or delivered to a worker and not yet acknowledged (kombu's ``unacked`` hash).
+
+        Read a page at a time, not atomically: a task moving from the queue to a worker while it
+        is read may be missed, so a caller must see a job missing twice before acting on it."""
+        found: set[str] = set()
+        for _, name in priority_lists(queue_for(model)):
+            start = 0
+            while True:
+                chunk = self.redis.lrange(name, start, start + page - 1)
+                for raw in chunk:
+                    found |= _task_job_ids(raw) & wanted
+                if len(chunk) < page:
+                    break
+                start += page
+        for _, raw in self.redis.hscan_iter(UNACKED_KEY, count=page):
+            try:
+                message = json.loads(raw)[0]
+            except (ValueError, IndexError, TypeError):
+                continue
+            found |= _message_job_ids(message) & wanted
+        return found
 
     def lock(self, name: str, ttl_s: int) -> bool:
         """Takes a cross-process lock for ``ttl_s`` seconds (False if someone holds it)."""

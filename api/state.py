@@ -26,6 +26,7 @@ class ApiState:
     submitter: Submitter
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     batches: object = None  # api.batch_runner.BatchRunner (set by create_app)
+    reconciler: object = None  # api.reconciler.Reconciler (set by create_app)
 
 
 def get_state(request: Request) -> ApiState:

@@ -40,6 +40,23 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 }
 MAX_ERRORS = 50
 _WINDOW = re.compile(r"^([1-9][0-9]{0,3})h$")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # how an unpaired surrogate gets into a line
+
+
+def _no_constant(name: str) -> float:
+    """json.loads hook: NaN and Infinity are no JSON (and no database takes them in a JSON value)."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _storable(text: str, *, nul_ok: bool = False) -> bool:
+    """Whether a text column takes ``text``: UTF-8 (no unpaired surrogate) and, unless ``nul_ok``,
+    no NUL (PostgreSQL refuses it in text)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return nul_ok or "\x00" not in text
+
 
 # A hook that checks one request body; returns an error message, or None when the body is fine.
 BodyValidator = Callable[[dict[str, Any]], "str | None"]
@@ -53,6 +70,27 @@ def _window(completion_window: str) -> timedelta:
     if not m:
         raise ValueError(f"completion_window {completion_window!r} must be hours, like '24h'")
     return timedelta(hours=int(m.group(1)))
+
+
+class _LeftValidating(Exception):
+    """The batch being ingested is no longer ``validating`` (cancelled, or gone)."""
+
+    def __init__(self, status: str | None) -> None:
+        super().__init__(status)
+        self.status = status or "deleted"
+
+
+def _locked_status(s: Session, batch_id: str) -> str | None:
+    """The batch's status, its row locked until the transaction ends (None: no such batch)."""
+    return s.scalar(select(Batch.status).where(Batch.id == batch_id).with_for_update())
+
+
+def _cancel_queued(s: Session, batch_id: str, status: str | None, now: datetime) -> None:
+    """A batch cancelled while it was being ingested keeps no queued job (its cancel may have run
+    before the last jobs were inserted)."""
+    if status in ("cancelling", "cancelled"):
+        s.execute(update(Job).where(Job.batch_id == batch_id, Job.status == "queued")
+                  .values(status="cancelled", finished_at=now))
 
 
 def _counts(s: Session, batch: Batch) -> BatchCounts:
@@ -243,7 +281,13 @@ class BatchStore:
         if input_file_id is None:
             raise NotFound(f"the input file of batch {batch_id} was deleted")
         # Jobs left by an ingestion that died half-way (the batch is still validating) start over.
-        self._db.transact(lambda s: s.execute(delete(Job).where(Job.batch_id == batch_id, Job.tenant_id == tenant_id)))
+        def start_over(s: Session) -> None:
+            status = _locked_status(s, batch_id)
+            if status != "validating":
+                raise InvalidTransition(f"batch {batch_id} is {status}; only a validating batch can be ingested")
+            s.execute(delete(Job).where(Job.batch_id == batch_id, Job.tenant_id == tenant_id))
+
+        self._db.transact(start_over)
         errors: list[dict[str, Any]] = []
         seen: set[str] = set()
         total = 0
@@ -268,22 +312,65 @@ class BatchStore:
             except ValueError as exc:  # a line over the size limit
                 error(None, "invalid_file", str(exc))
 
-        for group in chunked(specs(), jobs_per_insert):
-            self._db.transact(lambda s, group=group: insert_jobs(s, tenant_id, group))
-        if total == 0 and not errors:
+        # Every write below locks the batch row and checks that it is still validating: a cancel
+        # (which takes the same lock, then cancels the batch's queued jobs) either comes first and
+        # stops the ingestion, or comes after and cancels what was inserted. No job of a batch
+        # cancelled while validating is ever left queued, so none is ever sent.
+        stopped: str | None = None
+
+        def insert_group(s: Session, group: list[JobSpec]) -> None:
+            status = _locked_status(s, batch_id)
+            if status != "validating":
+                raise _LeftValidating(status)
+            insert_jobs(s, tenant_id, group)
+
+        try:
+            for group in chunked(specs(), jobs_per_insert):
+                self._db.transact(lambda s, group=group: insert_group(s, group))
+        except _LeftValidating as exc:
+            stopped = exc.status
+        if total == 0 and not errors and stopped is None:
             error(None, "empty_file", "the input file holds no requests")
         now = utcnow()
-        if errors:
-            self._db.transact(lambda s: self._fail_ingest(s, batch_id, errors, now))
+
+        def finish(s: Session) -> str | None:
+            status = _locked_status(s, batch_id)
+            if status != "validating":
+                _cancel_queued(s, batch_id, status, now)
+                return status or "deleted"
+            if errors:
+                self._fail_ingest(s, batch_id, errors, now)
+            else:
+                s.execute(update(Batch).where(Batch.id == batch_id).values(status="in_progress", total=total,
+                                                                          in_progress_at=now))
+            return None
+
+        if stopped is None:
+            stopped = self._db.transact(finish)
         else:
-            self._db.transact(
-                lambda s: s.execute(
-                    update(Batch)
-                    .where(Batch.id == batch_id, Batch.status == "validating")
-                    .values(status="in_progress", total=total, in_progress_at=now)
-                )
+            self._db.transact(lambda s: _cancel_queued(s, batch_id, _locked_status(s, batch_id), now))
+        return IngestReport(batch_id, 0 if errors or stopped else total, errors, stopped)
+
+    def queued_job_ids(self, tenant_id: str, batch_id: str, *, page_size: int = 1000) -> Iterator[str]:
+        """The ids of the batch's queued jobs, in id order, a page at a time, for sending their
+        tasks; only while the batch is ``in_progress``: once it is cancelled (or expired) the next
+        page is empty, so a batch that left ``in_progress`` has nothing more sent."""
+        last = ""
+        while True:
+            stmt = (
+                select(Job.id)
+                .join(Batch, Batch.id == Job.batch_id)
+                .where(Job.batch_id == batch_id, Job.tenant_id == tenant_id, Job.status == "queued",
+                       Batch.status == "in_progress", Job.id > last)
+                .order_by(Job.id)
+                .limit(page_size)
             )
-        return IngestReport(batch_id, 0 if errors else total, errors)
+            with self._db.read() as s:
+                ids = list(s.scalars(stmt))
+            yield from ids
+            if len(ids) < page_size:
+                return
+            last = ids[-1]
 
     @staticmethod
     def _parse_line(
@@ -297,25 +384,36 @@ class BatchStore:
         prepare: BodyPreparer | None = None,
     ) -> JobSpec | None:
         try:
-            item = json.loads(raw)
-        except ValueError:
-            error(number, "invalid_json", "the line is not valid JSON")
+            item = json.loads(raw, parse_constant=_no_constant)
+        except UnicodeDecodeError:
+            error(number, "invalid_json", "the line is not valid JSON: it is not UTF-8")
+            return None
+        except ValueError as exc:
+            where = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+            error(number, "invalid_json", f"the line is not valid JSON: {getattr(exc, 'msg', exc)}{where}")
+            return None
+        except RecursionError:  # not a ValueError: it would end the whole ingestion
+            error(number, "invalid_json", "the line is not valid JSON: it is nested too deeply")
             return None
         if not isinstance(item, dict):
             error(number, "invalid_request", "each line must be a JSON object")
             return None
         custom_id = item.get("custom_id")
         body = item.get("body")
-        if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 200:
-            error(number, "invalid_custom_id", "custom_id must be a string of 1 to 200 characters")
+        if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 200 or not _storable(custom_id):
+            error(number, "invalid_custom_id",
+                  "custom_id must be a string of 1 to 200 characters, without NUL or unpaired surrogates")
         elif custom_id in seen:
             error(number, "duplicate_custom_id", f"custom_id {custom_id!r} appears more than once")
         elif item.get("method") != "POST":
             error(number, "invalid_method", "method must be POST")
         elif item.get("url") != batch.endpoint:
             error(number, "mismatched_url", f"url must be the batch's endpoint {batch.endpoint!r}")
-        elif not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
-            error(number, "invalid_body", "body must be an object with a model")
+        elif (not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]
+              or len(body["model"]) > 200 or not _storable(body["model"])):
+            error(number, "invalid_body", "body must be an object with a model (a name of 1 to 200 characters)")
+        elif _SURROGATE_ESCAPE.search(raw) and not _storable(json.dumps(body, ensure_ascii=False), nul_ok=True):
+            error(number, "invalid_body", "body holds an unpaired surrogate (\\ud800-\\udfff), which is not text")
         else:
             problem = validate(body) if validate is not None else None
             seen.add(custom_id)

@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session
 
 from store.db import Database
 from store.errors import NotFound
-from store.models import JOB_KINDS, JOB_STATUSES, Batch, Job, Result, Usage
+from store.models import JOB_KINDS, JOB_STATUSES, Batch, Job, Result, Tenant, Usage
 from store.sql import among, insert_ignoring, new_id, utcnow
-from store.types import CreatedJob, FinishedJob, JobClaim, JobFailure, JobPage, JobSpec, RecordOutcome
+from store.types import CreatedJob, FinishedJob, JobClaim, JobFailure, JobPage, JobSpec, OpenJob, RecordOutcome
 
 ACTIVE = ("queued", "running")
 MAX_PAGE = 1000
@@ -259,6 +259,46 @@ class JobStore:
                 return
             last = ids[-1]
 
+    def open_jobs_before(self, *, queued_before: datetime, running_before: datetime,
+                         limit: int = 5000) -> list[OpenJob]:
+        """Jobs of every tenant still open after a while, oldest first (for the reconciler, which
+        checks that Redis still holds their tasks): at most ``limit`` each of interactive jobs
+        ``queued`` since before ``queued_before``, of bulk jobs whose batch has been
+        ``in_progress`` since before then (a batch's jobs are sent only once it is), and of jobs
+        ``running`` since before ``running_before``.
+
+        One index range per tenant and kind of question ((tenant_id, status, created_at)), so the
+        cost follows the open jobs, not the whole table."""
+        out: list[OpenJob] = []
+        with self._db.read() as s:
+            tenants = list(s.scalars(select(Tenant.id).order_by(Tenant.id)))
+            for kind in JOB_KINDS:
+                found: list[tuple[datetime, OpenJob]] = []
+                for tenant_id in tenants:
+                    stmt = (
+                        select(Job.created_at, Job.id, Job.model, Job.kind, Job.status, Job.worker)
+                        .where(Job.tenant_id == tenant_id, Job.status == "queued", Job.kind == kind,
+                               Job.created_at < queued_before)
+                        .order_by(Job.created_at)
+                        .limit(limit)
+                    )
+                    if kind == "bulk":
+                        stmt = stmt.join(Batch, Batch.id == Job.batch_id).where(
+                            Batch.status == "in_progress", Batch.in_progress_at < queued_before)
+                    found += [(row[0], OpenJob(*row[1:])) for row in s.execute(stmt)]
+                out += [job for _, job in sorted(found, key=lambda pair: pair[0])[:limit]]
+            running: list[tuple[datetime, OpenJob]] = []
+            for tenant_id in tenants:
+                stmt = (
+                    select(Job.started_at, Job.id, Job.model, Job.kind, Job.status, Job.worker)
+                    .where(Job.tenant_id == tenant_id, Job.status == "running", Job.started_at < running_before)
+                    .order_by(Job.created_at)
+                    .limit(limit)
+                )
+                running += [(row[0], OpenJob(*row[1:])) for row in s.execute(stmt)]
+            out += [job for _, job in sorted(running, key=lambda pair: pair[0])[:limit]]
+        return out
+
     def cancel(self, tenant_id: str, job_id: str) -> Job | None:
         """Cancels the tenant's job if it is queued or running; returns the job as it now stands
         (a finished job comes back unchanged), or None if the tenant has no such job."""
@@ -320,7 +360,8 @@ class JobStore:
         return self._db.transact(work)
 
     def record_results(self, finished: Sequence[FinishedJob]) -> RecordOutcome:
-        """Records finished jobs: result, usage row, status ``succeeded``, all in one transaction.
+        """Records finished jobs: result, usage row, status ``succeeded`` (``expired`` for a job
+        stopped at its deadline), all in one transaction.
 
         Idempotent: a job that already has a result is reported in ``duplicates`` and nothing of it
         is written again (the primary keys of ``results`` and ``usage`` enforce it, so concurrent
@@ -368,6 +409,24 @@ class JobStore:
     def requeue(self, job_ids: Sequence[str]) -> int:
         """Puts running jobs back to queued (a retry after a transient failure); returns how many."""
         return self._set_status(job_ids, "queued", ("running",))
+
+    def give_back(self, job_ids: Sequence[str], worker: str) -> int:
+        """Puts jobs that ``worker`` is running back to ``queued`` without counting the attempt (a
+        worker that stops gracefully hands back what it could not finish); returns how many."""
+        if not job_ids:
+            return 0
+        ids = sorted(set(job_ids))
+
+        def work(s: Session) -> int:
+            where = among(_JOBS.c.id, ids, s.get_bind().dialect.name)
+            return s.execute(
+                update(_JOBS)
+                .where(where, _JOBS.c.status == "running", _JOBS.c.worker == worker)
+                .values(status="queued", attempts=case((_JOBS.c.attempts > 0, _JOBS.c.attempts - 1), else_=0),
+                        started_at=None, worker=None)
+            ).rowcount
+
+        return self._db.transact(work)
 
     def expire(self, job_ids: Sequence[str]) -> int:
         """Marks queued or running jobs as expired; returns how many changed."""
@@ -453,12 +512,24 @@ def _record_portable(s: Session, ids: list[str], by_id: dict[str, FinishedJob], 
                 }
             )
         conn.execute(insert_ignoring(dialect, _USAGE, ["job_id"]), usage_rows)
-        conn.execute(
-            update(_JOBS)
-            .where(_JOBS.c.id.in_(recorded), _JOBS.c.status.in_(ACTIVE))
-            .values(status="succeeded", finished_at=now, error_code=None, error_message=None)
-        )
+        for expired in (False, True):
+            ids = [i for i in recorded if by_id[i].expired is expired]
+            if ids:
+                conn.execute(
+                    update(_JOBS)
+                    .where(_JOBS.c.id.in_(ids), _JOBS.c.status.in_(ACTIVE))
+                    .values(finished_at=now, **_finished_status(expired))
+                )
     return RecordOutcome(recorded, duplicates, unknown)
+
+
+EXPIRED_MESSAGE = "the job reached its deadline and was stopped; its output so far is kept"
+
+
+def _finished_status(expired: bool) -> dict[str, Any]:
+    if expired:
+        return {"status": "expired", "error_code": "expired", "error_message": EXPIRED_MESSAGE}
+    return {"status": "succeeded", "error_code": None, "error_message": None}
 
 
 # PostgreSQL: the whole write is one statement over arrays (one round trip, one plan, and the
@@ -470,9 +541,10 @@ WITH input AS (
         %(job_id)s::varchar[], %(output_text)s::text[], %(finish_reason)s::varchar[],
         %(token_ids)s::text[], %(logprobs)s::text[], %(prompt_tokens)s::int[],
         %(cached_prompt_tokens)s::int[], %(completion_tokens)s::int[], %(queue_ms)s::float8[],
-        %(ttft_ms)s::float8[], %(total_ms)s::float8[], %(worker)s::varchar[], %(device)s::varchar[]
+        %(ttft_ms)s::float8[], %(total_ms)s::float8[], %(worker)s::varchar[], %(device)s::varchar[],
+        %(expired)s::bool[]
     ) AS t(job_id, output_text, finish_reason, token_ids, logprobs, prompt_tokens,
-           cached_prompt_tokens, completion_tokens, queue_ms, ttft_ms, total_ms, worker, device)
+           cached_prompt_tokens, completion_tokens, queue_ms, ttft_ms, total_ms, worker, device, expired)
 ), known AS (
     -- OFFSET 0 keeps the lookup a primary-key probe per finished job, whatever the statistics say
     -- (a freshly loaded jobs table has none, and a hash join would scan all of it).
@@ -496,8 +568,11 @@ WITH input AS (
     FROM known k JOIN inserted USING (job_id) ORDER BY k.job_id
     ON CONFLICT (job_id) DO NOTHING
 ), finished AS (
-    UPDATE jobs SET status = 'succeeded', finished_at = %(now)s, error_code = NULL, error_message = NULL
-    FROM inserted
+    UPDATE jobs SET status = CASE WHEN input.expired THEN 'expired' ELSE 'succeeded' END,
+                    finished_at = %(now)s,
+                    error_code = CASE WHEN input.expired THEN 'expired' END,
+                    error_message = CASE WHEN input.expired THEN %(expired_message)s END
+    FROM inserted JOIN input USING (job_id)
     WHERE jobs.id = inserted.job_id AND jobs.status IN ('queued', 'running')
 )
 SELECT known.job_id, inserted.job_id IS NOT NULL FROM known LEFT JOIN inserted USING (job_id)
@@ -526,6 +601,8 @@ def _record_postgresql(s: Session, ids: list[str], by_id: dict[str, FinishedJob]
         "total_ms": [float(f.total_ms) for f in done],
         "worker": [f.worker[:200] for f in done],
         "device": [f.device[:64] for f in done],
+        "expired": [f.expired for f in done],
+        "expired_message": EXPIRED_MESSAGE,
         "now": now,
         "day": now.date(),
         "hour": now.hour,

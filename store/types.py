@@ -54,6 +54,18 @@ class JobClaim:
 
 
 @dataclass(frozen=True)
+class OpenJob:
+    """A job that has waited or run for a while, as the reconciler sees it: enough to tell whether
+    its task is still in Redis and to send it again (``worker``: who claimed it, when running)."""
+
+    id: str
+    model: str
+    kind: str
+    status: str
+    worker: str | None
+
+
+@dataclass(frozen=True)
 class FinishedJob:
     """A finished generation with its token accounting, as a worker reports it.
 
@@ -74,6 +86,7 @@ class FinishedJob:
     device: str = ""
     token_ids: list[int] | None = None
     logprobs: list[Any] | None = None
+    expired: bool = False  # stopped at its deadline: status ``expired`` (result and usage kept)
 
 
 @dataclass(frozen=True)
@@ -141,8 +154,9 @@ class IngestReport:
     batch_id: str
     total: int
     errors: list[dict[str, Any]]
+    stopped: str | None = None  # the batch left ``validating`` meanwhile (e.g. "cancelling"): its jobs stay unsent
 
     @property
     def ok(self) -> bool:
-        """True when every line became a job."""
-        return not self.errors
+        """True when every line became a job and the batch is now ``in_progress``."""
+        return not self.errors and self.stopped is None

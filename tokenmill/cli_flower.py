@@ -45,6 +45,8 @@ def flower_command(
     from workers.app import QueueConfig, declare_queues, make_celery
     from workers.flower_format import format_task
 
+    if not no_auth:
+        _authenticate_metrics()
     app = make_celery(QueueConfig(redis_url=settings.redis_url, visibility_timeout_s=settings.visibility_timeout_s))
     declare_queues(app, list(served_models(settings)))  # Flower's broker page lists these queues
     options.format_task = format_task
@@ -52,3 +54,20 @@ def flower_command(
     code = app.start(argv=flower_argv(host or settings.flower_host, port or settings.flower_port,
                                       max_tasks or settings.flower_max_tasks, url_prefix))
     raise typer.Exit(code or 0)
+
+
+def _authenticate_metrics() -> None:
+    """Flower serves /metrics (worker names, task names and counts) without asking for the
+    password it asks everywhere else; behind basic auth, it asks there too (/healthcheck, which
+    says only "OK", stays open for probes)."""
+    import tornado.web
+    from flower import urls
+    from flower.views.monitor import Metrics
+
+    class AuthenticatedMetrics(Metrics):
+        @tornado.web.authenticated
+        async def get(self) -> None:  # type: ignore[override]
+            await super().get()
+
+    urls.handlers[:] = [(h[0], AuthenticatedMetrics, *h[2:]) if isinstance(h, tuple) and h[1] is Metrics else h
+                        for h in urls.handlers]

@@ -67,3 +67,11 @@ def revoke_command(key_id: str = typer.Argument(..., help="The key's id (key_...
     finally:
         store.close()
     typer.echo(f"revoked {key_id}")
+    import redis
+
+    from api.auth import announce_revocation
+
+    # Running API processes cache checked keys; this tells them to check again now.
+    if not announce_revocation(redis.Redis.from_url(Settings.from_env().redis_url, socket_connect_timeout=2,
+                                                    socket_timeout=2)):
+        typer.echo("warning: Redis did not answer; running API processes refuse the key within 2 s", err=True)

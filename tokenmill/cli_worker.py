@@ -19,6 +19,7 @@ def worker_command(
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
     concurrency: Optional[int] = typer.Option(None, help="Tasks held at once [default: TOKENMILL_WORKER_CONCURRENCY]."),
     max_num_seqs: Optional[int] = typer.Option(None, help="Sequences per engine batch [default: TOKENMILL_MAX_NUM_SEQS]."),
+    num_kv_blocks: Optional[int] = typer.Option(None, help="KV cache blocks of 16 tokens; 0: sized from memory [default: TOKENMILL_NUM_KV_BLOCKS]."),
     hostname: Optional[str] = typer.Option(None, help="Celery node name [default: model-device-pid@host]."),
     loglevel: str = typer.Option("INFO", help="Log level."),
 ) -> None:
@@ -40,7 +41,8 @@ def worker_command(
             raise typer.Exit(2)
         base = [sys.executable, "-m", "tokenmill.cli", "worker", "--model", model, "--served-name", served,
                 "--dtype", dtype, "--loglevel", loglevel]
-        for flag, value in (("--concurrency", concurrency), ("--max-num-seqs", max_num_seqs)):
+        for flag, value in (("--concurrency", concurrency), ("--max-num-seqs", max_num_seqs),
+                            ("--num-kv-blocks", num_kv_blocks)):
             if value is not None:
                 base += [flag, str(value)]
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -64,4 +66,6 @@ def worker_command(
         concurrency=concurrency or settings.worker_concurrency,
         max_num_seqs=max_num_seqs or settings.max_num_seqs, max_attempts=settings.max_attempts,
         visibility_timeout_s=settings.visibility_timeout_s, cache_dir=str(settings.model_cache_dir),
-        loglevel=loglevel.upper(), hostname=hostname))
+        loglevel=loglevel.upper(), hostname=hostname,
+        num_kv_blocks=(settings.num_kv_blocks if num_kv_blocks is None else num_kv_blocks) or None,
+        shutdown_grace_s=settings.shutdown_grace_s, fault_crash_marker=settings.fault_crash_marker))

@@ -26,8 +26,13 @@ class Settings:
     # workers
     worker_concurrency: int = 64  # tasks a worker holds at once (each waits on the shared engine)
     max_num_seqs: int = 256  # sequences in one engine batch
-    max_attempts: int = 3  # starts of a job before it is failed instead of retried
+    max_attempts: int = 3  # lost starts before a job runs alone; lost runs alone before it fails
     visibility_timeout_s: int = 3600  # a lost worker's tasks return to the queue after this
+    shutdown_grace_s: float = 90.0  # after SIGTERM: time to finish held jobs before handing the rest back
+    num_kv_blocks: int = 0  # KV cache blocks of a worker's engine; 0: sized from memory
+    # Test only: a worker whose engine is given a prompt containing this text crashes (as on a
+    # CUDA error). Empty (the default): off.
+    fault_crash_marker: str = ""
     # HTTP API (`tokenmill api`)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -40,6 +45,8 @@ class Settings:
     batch_max_lines: int = 50_000  # requests in one batch input file
     default_max_tokens: int = 512  # chat completions that name no max_tokens (capped by the context)
     sync_timeout_s: float = 600.0  # how long a synchronous completion waits for its job
+    reconcile_interval_s: float = 10.0  # how often the API looks for jobs whose task Redis lost (<= 0: never)
+    reconcile_min_age_s: float = 30.0  # how long a job waits or runs before it is looked for in Redis
     # Flower (`tokenmill flower`, and inside `tokenmill up`)
     flower_host: str = "127.0.0.1"
     flower_port: int = 5555

@@ -326,7 +326,9 @@ class Stack:
                          "--dtype", o.dtype] + flags
             self.worker_hosts[name] = hostname
             key = f"tokenmill:worker:{hostname}"
-            self.sup.add(ChildSpec(name, argv, self.logs / f"{name}.log", env={**common, **env},
+            # A stopping worker hands back what it could not finish before `up` would stop it hard.
+            grace = {"TOKENMILL_SHUTDOWN_GRACE_S": str(min(s.shutdown_grace_s, max(1.0, o.drain_timeout_s - 10)))}
+            self.sup.add(ChildSpec(name, argv, self.logs / f"{name}.log", env={**common, **env, **grace},
                                    ready=lambda key=key: bool(self._redis.exists(key)),
                                    start_timeout_s=900, stop_timeout_s=o.drain_timeout_s))
             self.sup.start(name)

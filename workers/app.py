@@ -20,6 +20,8 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from workers.redis_transport import TRANSPORT as REDIS_TRANSPORT
+
 TASK_GENERATE = "tokenmill.generate"  # args: [job_id, enqueued_at (unix seconds)]
 TASK_GENERATE_BULK = "tokenmill.generate_bulk"  # args: [[job_id, ...], enqueued_at]
 PRIORITY_INTERACTIVE = 0
@@ -67,6 +69,7 @@ def make_celery(config: QueueConfig | None = None, name: str = "tokenmill") -> C
     config = config or QueueConfig()
     app = Celery(name, broker=config.redis_url)
     app.conf.update(
+        broker_transport=REDIS_TRANSPORT,  # kombu's, reusing one client per channel
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],  # pickle is refused outright
@@ -81,6 +84,11 @@ def make_celery(config: QueueConfig | None = None, name: str = "tokenmill") -> C
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": config.visibility_timeout_s,
+            # How often a consuming worker looks for tasks whose worker was lost (delivered longer
+            # than the visibility timeout ago): kombu's default is every 100 s, which would dwarf a
+            # short timeout; a fraction of the timeout, at most 10 s, keeps the delay close to it.
+            "unacked_restore_interval": max(1, min(10, config.visibility_timeout_s // 4)),
+            "unacked_restore_throttle": 1,
             "priority_steps": PRIORITY_STEPS,
             "queue_order_strategy": "priority",
             "sep": ":",

@@ -3,8 +3,9 @@
 Celery runs each task in a thread of its own; a task hands its request to the loop and waits on a
 future. The loop adds whatever has arrived before each step, so a request submitted while others
 run joins the very next step, and every in-flight request of the process advances in the same
-batch. A crash of the engine fails every pending future with `EngineCrashed`; the worker then
-exits so its unacknowledged tasks are redelivered elsewhere.
+batch. A crash of the engine is reported to the worker (with the ids it had in its batch), which
+exits so its unacknowledged tasks are redelivered elsewhere. A worker that stops gracefully can
+hand back what it holds: `give_back_all` aborts every request and fails its future with `GivenBack`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from workers.faults import InjectedFault, has_marker
+
 log = logging.getLogger(__name__)
 
 OnDelta = Callable[[str, Any], None]  # (request id, RequestOutput) for each step that changed it
@@ -24,6 +27,10 @@ OnDelta = Callable[[str, Any], None]  # (request id, RequestOutput) for each ste
 
 class EngineCrashed(RuntimeError):
     """The engine's step raised: nothing it held can be trusted to finish."""
+
+
+class GivenBack(Exception):
+    """The worker is stopping and handed the request back (to the queue) unfinished."""
 
 
 @dataclass
@@ -42,20 +49,27 @@ class _Abort:
     request_id: str
 
 
+class _GiveBack:
+    """Abort everything held and fail its futures with GivenBack."""
+
+
 class EngineLoop:
     """Owns an `engine.Engine` and steps it on a background thread."""
 
     def __init__(self, engine: Any, *, on_stats: Callable[[Any, float], None] | None = None,
-                 on_crash: Callable[[BaseException], None] | None = None,
-                 stats_interval_s: float = 1.0) -> None:
+                 on_crash: Callable[[BaseException, list[str]], None] | None = None,
+                 stats_interval_s: float = 1.0, fault_marker: str = "") -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _GiveBack | None] = queue.SimpleQueue()
         self._pending: dict[str, tuple[Future, OnDelta | None]] = {}
         self._on_stats = on_stats
         self._on_crash = on_crash
         self._stats_interval = stats_interval_s
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stopping = False
+        self._giving_back = False
+        self._fault_marker = fault_marker  # test only (workers.faults)
+        self._faulty: set[str] = set()
         self.crashed: BaseException | None = None
         self.tokens_per_s = 0.0
 
@@ -69,6 +83,11 @@ class EngineLoop:
         self._inbox.put(None)
         self._thread.join(timeout)
 
+    def give_back_all(self) -> None:
+        """Aborts every request held now or submitted from now on; their futures raise GivenBack."""
+        self._giving_back = True
+        self._inbox.put(_GiveBack())
+
     @property
     def num_pending(self) -> int:
         return len(self._pending)
@@ -76,7 +95,7 @@ class EngineLoop:
     def submit(self, request_id: str, *, prompt: Any = None, messages: Any = None, params: Any = None,
                priority: int = 0, on_delta: OnDelta | None = None) -> Future:
         """Hands a request to the loop; the future resolves to its final RequestOutput, or raises
-        ValueError (the engine rejected it) or EngineCrashed."""
+        ValueError (the engine rejected it), EngineCrashed or GivenBack."""
         fut: Future = Future()
         if self.crashed is not None:
             fut.set_exception(EngineCrashed(f"the engine crashed earlier: {self.crashed!r}"))
@@ -101,8 +120,11 @@ class EngineLoop:
             except queue.Empty:
                 return
 
-    def _apply(self, item: _Add | _Abort | None) -> None:
+    def _apply(self, item: _Add | _Abort | _GiveBack | None) -> None:
         if item is None:
+            return
+        if isinstance(item, _GiveBack) or (isinstance(item, _Add) and self._giving_back):
+            self._give_back([item] if isinstance(item, _Add) else [])
             return
         if isinstance(item, _Abort):
             out = self.engine.abort(item.request_id)
@@ -110,12 +132,24 @@ class EngineLoop:
                 self._resolve(out)
             return
         try:
+            # Only a streamed job needs an output every step; the others get their final one.
             self.engine.add_request(item.request_id, item.prompt, item.params, messages=item.messages,
-                                    priority=item.priority)
+                                    priority=item.priority, stream=item.on_delta is not None)
         except ValueError as e:
             item.future.set_exception(e)
             return
         self._pending[item.request_id] = (item.future, item.on_delta)
+        if has_marker(item.prompt, item.messages, self._fault_marker):
+            self._faulty.add(item.request_id)
+
+    def _give_back(self, adds: list[_Add]) -> None:
+        held = [fut for fut, _ in self._pending.values()] + [a.future for a in adds]
+        for request_id in list(self._pending):
+            self.engine.abort(request_id)  # frees its blocks; the output is dropped
+        self._pending.clear()
+        for fut in held:
+            if not fut.done():
+                fut.set_exception(GivenBack("the worker is stopping"))
 
     def _resolve(self, out: Any) -> None:
         fut, _ = self._pending.pop(out.request_id, (None, None))
@@ -124,14 +158,16 @@ class EngineLoop:
 
     def _run(self) -> None:
         last_stats = time.monotonic()
-        window_tokens, window_start = 0, time.monotonic()
+        window_start = time.monotonic()
+        window_base = self.engine.stats().generated_tokens_total
         try:
             while not self._stopping:
                 self._take_inbox(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
                     outs = self.engine.step()
+                    if self._faulty:
+                        raise InjectedFault(f"injected crash: prompt of {sorted(self._faulty)} has the marker")
                     for out in outs:
-                        window_tokens += sum(len(c.delta_token_ids) for c in out.outputs)
                         _, on_delta = self._pending.get(out.request_id, (None, None))
                         if on_delta is not None:
                             try:
@@ -142,8 +178,9 @@ class EngineLoop:
                             self._resolve(out)
                 now = time.monotonic()
                 if now - last_stats >= self._stats_interval:
-                    self.tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-                    window_tokens, window_start = 0, now
+                    generated = self.engine.stats().generated_tokens_total
+                    self.tokens_per_s = (generated - window_base) / max(now - window_start, 1e-9)
+                    window_base, window_start = generated, now
                     last_stats = now
                     if self._on_stats is not None:
                         try:
@@ -153,13 +190,15 @@ class EngineLoop:
         except BaseException as e:  # noqa: BLE001 - everything held must learn of the crash
             self.crashed = e
             log.critical("engine loop crashed: %r", e, exc_info=True)
+            if self._on_crash is not None:
+                # First, while the futures still wait: the worker records what was in the batch
+                # and exits; the tasks must not see the crash (and exit) before that.
+                self._on_crash(e, list(self._pending))
             for fut, _ in list(self._pending.values()):
                 if not fut.done():
                     fut.set_exception(EngineCrashed(repr(e)))
             self._pending.clear()
             self._fail_inbox(e)
-            if self._on_crash is not None:
-                self._on_crash(e)
 
     def _fail_inbox(self, e: BaseException) -> None:
         while True:

@@ -32,6 +32,9 @@ class WorkerOptions:
     cache_dir: str | None = None
     loglevel: str = "INFO"
     hostname: str | None = None
+    num_kv_blocks: int | None = None  # None: sized from memory
+    shutdown_grace_s: float = 90.0  # after SIGTERM: finish held jobs for this long, then hand the rest back
+    fault_crash_marker: str = ""  # test only (see tokenmill.settings)
 
 
 def device_label(device: str) -> str:
@@ -48,6 +51,8 @@ def run_worker(opts: WorkerOptions) -> None:
     """Loads the engine, then runs the Celery worker until it is told to stop."""
     from pathlib import Path
 
+    from celery import signals
+
     from engine import Engine, EngineConfig
     from store.facade import Store
     from workers.app import QueueConfig, declare_queues, make_celery, queue_for
@@ -58,12 +63,13 @@ def run_worker(opts: WorkerOptions) -> None:
     hostname = opts.hostname or f"{opts.served_model}-{opts.device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"
     log.info("loading %s on %s", opts.model, opts.device)
     engine = Engine(EngineConfig(model=opts.model, device=opts.device, dtype=opts.dtype,
-                                 max_num_seqs=opts.max_num_seqs,
+                                 max_num_seqs=opts.max_num_seqs, num_kv_blocks=opts.num_kv_blocks,
                                  cache_dir=Path(opts.cache_dir) if opts.cache_dir else None))
     store = Store.open(opts.database_url)
     rt = WorkerRuntime(WorkerConfig(served_model=opts.served_model, hostname=hostname,
                                     device_label=device_label(opts.device), redis_url=opts.redis_url,
-                                    max_attempts=opts.max_attempts), engine, store).start()
+                                    max_attempts=opts.max_attempts,
+                                    fault_crash_marker=opts.fault_crash_marker), engine, store).start()
     app = make_celery(QueueConfig(redis_url=opts.redis_url, visibility_timeout_s=opts.visibility_timeout_s))
     declare_queues(app, [opts.served_model])
     register_tasks(app, rt)
@@ -73,7 +79,13 @@ def run_worker(opts: WorkerOptions) -> None:
         queues=[queue_for(opts.served_model)], loglevel=opts.loglevel,
         without_mingle=True, without_gossip=True, task_events=True,
     )
-    # SIGTERM: Celery's warm shutdown stops consuming and waits for running tasks to finish.
+    # SIGTERM (or SIGINT): Celery's warm shutdown stops consuming and waits for the running tasks;
+    # the runtime lets them finish for the grace period, then hands what is left back to the queue.
+    # A cold shutdown (SIGQUIT) hands everything back at once.
+    def on_shutting_down(how: str = "Warm", **_: object) -> None:
+        rt.begin_shutdown(opts.shutdown_grace_s if how == "Warm" else 0.0)
+
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False)
     log.info("worker %s ready: model %s, queue %s", hostname, opts.served_model, queue_for(opts.served_model))
     try:
         worker.start()

@@ -1,5 +1,6 @@
-"""Everything one worker process holds: the engine loop, the result writer, the store, and the
-Redis side channels (token streaming, cancellation, live engine figures)."""
+"""Everything one worker process holds: the engine loop, the result writer, the store, the Redis
+side channels (token streaming, cancellation, live engine figures), and the worker-wide state of its
+tasks: which jobs it holds, the lane where suspects run alone, and the graceful hand-back."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
 
 from workers.app import CANCEL_CHANNEL, STREAM_CHANNEL, WORKER_STATS_KEY, WORKER_STATS_TTL_S
-from workers.engine_loop import EngineLoop
+from workers.engine_loop import EngineLoop, GivenBack
 from workers.result_writer import ResultWriter
+from workers.suspects import SuspectLedger
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,25 @@ class WorkerConfig:
     hostname: str
     device_label: str
     redis_url: str
-    max_attempts: int = 3
+    max_attempts: int = 3  # see workers.suspects
+    fault_crash_marker: str = ""  # test only (workers.faults)
+
+
+@dataclass
+class Holding:
+    """The jobs of one task: those it runs (``mine``) and those another task of this process is
+    already running (a redelivered copy of a task still in hand: it must not run them twice)."""
+
+    mine: list[str]
+    others: list["_Held"]
+    given_back: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Held:
+    job_id: str
+    done: threading.Event = field(default_factory=threading.Event)
+    given_back: bool = False
 
 
 class WorkerRuntime:
@@ -38,8 +60,19 @@ class WorkerRuntime:
         self.config = config
         self.store = store
         self.redis = redis.Redis.from_url(config.redis_url)
-        self.loop = EngineLoop(engine, on_stats=self._publish_stats, on_crash=self._die)
+        self.loop = EngineLoop(engine, on_stats=self._publish_stats, on_crash=self._die,
+                               fault_marker=config.fault_crash_marker)
         self.writer = ResultWriter(store)
+        # Its own client, with timeouts: it also speaks on the way out of a crashed process.
+        self.suspects = SuspectLedger(redis.Redis.from_url(config.redis_url, socket_timeout=5,
+                                                           socket_connect_timeout=5))
+        self._held: dict[str, _Held] = {}
+        self._held_lock = threading.Lock()
+        self._lane = threading.Lock()  # one suspect at a time in the engine
+        self.alone_job: str | None = None  # the suspect running alone now
+        self.stopping = False  # SIGTERM: tasks that start from now on go back to the queue at once
+        self.giving_back = False  # the grace period is over: what is held goes back too
+        self._grace_timer: threading.Timer | None = None
         self._cancel_thread = threading.Thread(target=self._listen_cancels, name="cancel-listener",
                                                daemon=True)
         self._stopping = False
@@ -55,12 +88,77 @@ class WorkerRuntime:
     def stop(self) -> None:
         """Stops the loop, then drains the writer so every stored result is in."""
         self._stopping = True
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
         self.loop.stop()
         self.writer.stop()
         try:
             self.redis.delete(WORKER_STATS_KEY.format(hostname=self.config.hostname))
         except redis.RedisError:
             pass
+
+    # -- the jobs held by this process ---------------------------------------------------------
+    def hold(self, job_ids: list[str]) -> Holding:
+        """Registers a task's jobs as held by it, except those another task already holds."""
+        mine: list[str] = []
+        others: list[_Held] = []
+        with self._held_lock:
+            for job_id in dict.fromkeys(job_ids):
+                held = self._held.get(job_id)
+                if held is None:
+                    self._held[job_id] = _Held(job_id)
+                    mine.append(job_id)
+                else:
+                    others.append(held)
+        return Holding(mine, others)
+
+    def release(self, holding: Holding) -> None:
+        """The task is done with its jobs; copies of it waiting on them may go on."""
+        with self._held_lock:
+            for job_id in holding.mine:
+                held = self._held.pop(job_id, None)
+                if held is not None:
+                    held.given_back = job_id in holding.given_back
+                    held.done.set()
+
+    @contextmanager
+    def alone(self, job_id: str) -> Iterator[None]:
+        """Runs the body as the only suspect in this worker's engine (waiting for the lane);
+        raises GivenBack if the worker starts handing its work back meanwhile."""
+        while not self._lane.acquire(timeout=0.5):
+            if self.giving_back:
+                raise GivenBack("the worker is stopping")
+        try:
+            if self.giving_back:
+                raise GivenBack("the worker is stopping")
+            self.alone_job = job_id
+            yield
+        finally:
+            self.alone_job = None
+            self._lane.release()
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Stopping (SIGTERM): the jobs held may finish for ``grace_s`` seconds; then whatever is
+        left is handed back to the queue, unfinished and uncounted. Tasks that start from now on
+        (received as the signal came) go back at once."""
+        self.stopping = True
+        if self._grace_timer is not None:
+            if grace_s > 0:
+                return
+            self._grace_timer.cancel()  # a second, colder signal: now
+        log.warning("stopping: %d request(s) held may finish for %.0fs, then go back to the queue",
+                    self.loop.num_pending, grace_s)
+        self._grace_timer = threading.Timer(grace_s, self.give_back)
+        self._grace_timer.daemon = True
+        self._grace_timer.start()
+
+    def give_back(self) -> None:
+        """Hands every unfinished job back: its task goes back to the queue, its job to `queued`."""
+        if not self.giving_back:
+            log.warning("grace period over: handing %d unfinished request(s) back to the queue",
+                        self.loop.num_pending)
+        self.giving_back = True
+        self.loop.give_back_all()
 
     # -- side channels -----------------------------------------------------------------------
     def publish_delta(self, job_id: str, out: Any) -> None:
@@ -97,9 +195,14 @@ class WorkerRuntime:
                 log.warning("cancel listener lost Redis (%r); reconnecting", e)
                 time.sleep(1.0)
 
-    def _die(self, error: BaseException) -> None:
+    def _die(self, error: BaseException, in_flight: list[str]) -> None:
         # The engine is gone: exit without acknowledging anything, so the broker redelivers every
-        # task this process held to another worker.
-        log.critical("engine crashed (%r); worker %s exits for its tasks to be redelivered",
-                     error, self.config.hostname)
-        os._exit(70)
+        # task this process held to another worker. First the evidence (workers.suspects): a
+        # suspect running alone was charged when it started; otherwise the whole batch is suspect.
+        try:
+            log.critical("engine crashed (%r) with %d request(s) in its batch; worker %s exits for its "
+                         "tasks to be redelivered", error, len(in_flight), self.config.hostname)
+            if in_flight and self.alone_job not in in_flight:
+                self.suspects.record_crash(in_flight)
+        finally:
+            os._exit(70)

@@ -1,5 +1,11 @@
 """The Celery tasks of a worker: claim jobs in the store, run them in the shared engine loop,
-record results, and only then return (late acknowledgement)."""
+record results, and only then return (late acknowledgement).
+
+A task hands its jobs back instead (its message returns to the queue, its jobs to `queued`) when
+the worker stops and its grace period runs out. Jobs suspected of crashing workers run alone
+(`workers.suspects`); a copy of a task that this process is already running waits for the original
+instead of running its jobs twice.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,21 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from concurrent.futures import Future, TimeoutError as FutureTimeout, wait as futures_wait
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from celery import Celery
+from celery.exceptions import Reject
 
 from engine import SamplingParams
-from store.types import FinishedJob, JobFailure
+from store.types import FinishedJob, JobClaim, JobFailure
 from workers.app import STREAM_CHANNEL, TASK_GENERATE, TASK_GENERATE_BULK
-from workers.engine_loop import EngineCrashed
+from workers.engine_loop import EngineCrashed, GivenBack
 from workers.result_writer import ResultRejected
-from workers.runtime import WorkerRuntime
+from workers.runtime import Holding, WorkerRuntime
+from workers.suspects import ALONE, CLEAR, EXHAUSTED, exhausted_message, verdict
 
 log = logging.getLogger(__name__)
 
@@ -38,83 +47,177 @@ def register_tasks(app: Celery, rt: WorkerRuntime) -> None:
 
 
 def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[str, int]:
-    """Runs the given jobs to a final state in the store. Returns counts by outcome."""
-    counts = {"succeeded": 0, "failed": 0, "skipped": 0, "expired": 0, "duplicate": 0,
-              "prompt_tokens": 0, "completion_tokens": 0}  # token totals: shown by Flower
-    claims = rt.store.jobs.mark_running(job_ids, rt.config.hostname)
-    counts["skipped"] = len(set(job_ids)) - len(claims)  # cancelled, finished, expired or unknown
-    failures: list[JobFailure] = []
-    running: list[tuple[Any, Future, bool, float]] = []
-    for claim in claims:
-        if claim.attempts > rt.config.max_attempts:
-            failures.append(JobFailure(claim.id, "attempts_exhausted",
-                                       f"the job was started {claim.attempts - 1} times without finishing "
-                                       f"(its worker was lost each time); giving up after "
-                                       f"{rt.config.max_attempts} attempts"))
-            continue
-        request = claim.request or {}
-        try:
-            params = SamplingParams.from_dict(dict(request.get("params") or {}))
-        except (ValueError, TypeError) as e:
-            failures.append(JobFailure(claim.id, "invalid_request", str(e)))
-            continue
-        stream = bool(request.get("stream"))
-        # Queue time: from the send to the moment the engine gets the request.
-        queue_ms = max(0.0, (time.time() - enqueued_at) * 1000.0)
-        priority = claim.priority + (BULK_PRIORITY_OFFSET if claim.kind == "bulk" else 0)
-        fut = rt.loop.submit(claim.id, prompt=request.get("prompt"), messages=request.get("messages"),
-                             params=params, priority=priority,
-                             on_delta=rt.publish_delta if stream else None)
-        running.append((claim, fut, stream, queue_ms))
+    """Runs the given jobs to a final state in the store. Returns counts by outcome; raises
+    `Reject(requeue=True)` when some jobs went back to the queue unfinished (the worker stops)."""
+    if rt.stopping:  # received as the worker was told to stop: another worker will run it
+        raise Reject("the worker is stopping: the task goes back to the queue", requeue=True)
+    run = _TaskRun(rt, rt.hold(job_ids), enqueued_at)
+    try:
+        run.run()
+    finally:
+        rt.release(run.holding)
+    requeue = bool(run.holding.given_back)
+    for held in run.holding.others:  # a copy of a task this process runs: the original finishes it
+        held.done.wait()
+        requeue |= held.given_back
+        run.counts["duplicate"] += 1
+    if requeue:
+        raise Reject("the worker is stopping: unfinished jobs go back to the queue", requeue=True)
+    return run.counts
 
-    writes: list[tuple[str, Future]] = []
-    for claim, fut, stream, queue_ms in running:
+
+@dataclass
+class _Job:
+    claim: JobClaim
+    params: SamplingParams
+    stream: bool
+    queue_ms: float
+    future: Future | None = None
+
+
+@dataclass
+class _TaskRun:
+    """One task's jobs, from claim to stored result."""
+
+    rt: WorkerRuntime
+    holding: Holding
+    enqueued_at: float
+    counts: dict[str, int] = field(default_factory=lambda: {
+        "succeeded": 0, "failed": 0, "skipped": 0, "expired": 0, "duplicate": 0,
+        "prompt_tokens": 0, "completion_tokens": 0})  # token totals: shown by Flower
+    failures: list[JobFailure] = field(default_factory=list)
+    writes: list[tuple[str, Future]] = field(default_factory=list)
+
+    def run(self) -> None:
+        rt, mine = self.rt, self.holding.mine
+        if not mine:
+            return
+        claims = _claim(rt, mine)
+        self.counts["skipped"] = len(mine) - len(claims)  # cancelled, finished, expired or unknown
+        evidence = rt.suspects.lookup([c.id for c in claims if c.attempts > 1])
+        batch: list[_Job] = []
+        alone: list[_Job] = []
+        for claim in claims:
+            suspicion = evidence.get(claim.id, CLEAR)
+            how = verdict(claim.attempts, suspicion, rt.config.max_attempts)
+            if how == EXHAUSTED:
+                self.failures.append(JobFailure(claim.id, "attempts_exhausted", exhausted_message(
+                    claim.attempts, suspicion, rt.config.max_attempts)))
+                continue
+            try:
+                job = self._prepare(claim)
+            except (ValueError, TypeError) as e:
+                self.failures.append(JobFailure(claim.id, "invalid_request", str(e)))
+                continue
+            if how == ALONE:
+                alone.append(job)
+            else:
+                job.future = self._submit(job)
+                batch.append(job)
+        for job in batch:
+            self._finish(job, lambda job=job: _wait(rt, job))
+        for job in alone:
+            self._run_alone(job)
+        self._store()
+
+    def _prepare(self, claim: JobClaim) -> _Job:
+        request = claim.request or {}
+        params = SamplingParams.from_dict(dict(request.get("params") or {}))
+        # Queue time: from the send to the moment the engine gets the request.
+        queue_ms = max(0.0, (time.time() - self.enqueued_at) * 1000.0)
+        return _Job(claim, params, bool(request.get("stream")), queue_ms)
+
+    def _submit(self, job: _Job) -> Future:
+        claim, request = job.claim, job.claim.request or {}
+        priority = claim.priority + (BULK_PRIORITY_OFFSET if claim.kind == "bulk" else 0)
+        return self.rt.loop.submit(claim.id, prompt=request.get("prompt"), messages=request.get("messages"),
+                                   params=job.params, priority=priority,
+                                   on_delta=self.rt.publish_delta if job.stream else None)
+
+    def _run_alone(self, job: _Job) -> None:
+        """A suspect's solo run: it holds the lane until its result is stored, so that a crash
+        after it (another suspect's) is never charged to it."""
+        rt = self.rt
         try:
-            out = _wait(rt, claim, fut)
+            with rt.alone(job.claim.id):
+                rt.suspects.start_solo_run(job.claim.id)
+                log.warning("job %s runs alone: it was in the batch of a crashed engine, or lost its "
+                            "worker %d times", job.claim.id, job.claim.attempts - 1)
+                job.future = self._submit(job)
+                written = len(self.writes)
+                self._finish(job, lambda: _wait(rt, job))
+                futures_wait([fut for _, fut in self.writes[written:]])
+        except GivenBack:  # the worker stopped while the job waited for the lane
+            self.holding.given_back.add(job.claim.id)
+
+    def _finish(self, job: _Job, get_output: Callable[[], Any]) -> None:
+        rt, claim = self.rt, job.claim
+        try:
+            out = get_output()
         except ValueError as e:  # the engine rejected the request: it fails alone
-            failures.append(JobFailure(claim.id, "invalid_request", str(e)))
-            if stream:
+            self.failures.append(JobFailure(claim.id, "invalid_request", str(e)))
+            if job.stream:
                 _publish_end(rt, claim.id, "error")
-            continue
+            return
+        except GivenBack:
+            self.holding.given_back.add(claim.id)
+            return
         except EngineCrashed:
             # Never acknowledge: the process exits and the broker redelivers these tasks.
             log.critical("engine crashed while running %s", claim.id)
             os._exit(70)
-        if out.finish_reason == "abort" and _expired(claim):
-            rt.store.jobs.expire([claim.id])
-            counts["expired"] += 1
+        # Stopped at its deadline: stored as `expired` with its result and usage, one transaction.
+        expired = out.finish_reason == "abort" and _expired(claim)
+        if expired:
+            self.counts["expired"] += 1
         ttft = (out.first_token_time - out.arrival_time) * 1000.0 if out.first_token_time else 0.0
         total = ((out.finish_time or time.monotonic()) - out.arrival_time) * 1000.0
         params = claim.request.get("params") or {}
         finished = FinishedJob(
             job_id=claim.id, output_text=out.text, finish_reason=out.finish_reason or "stop",
             prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-            cached_prompt_tokens=out.cached_tokens, queue_ms=queue_ms, ttft_ms=ttft, total_ms=total,
+            cached_prompt_tokens=out.cached_tokens, queue_ms=job.queue_ms, ttft_ms=ttft, total_ms=total,
             worker=rt.config.hostname, device=rt.config.device_label,
             token_ids=list(out.token_ids) if claim.request.get("return_token_ids") else None,
-            logprobs=_logprobs(out) if params.get("logprobs") is not None else None)
-        writes.append((claim.id, rt.writer.submit(finished)))
-        counts["prompt_tokens"] += out.prompt_tokens
-        counts["completion_tokens"] += out.completion_tokens
+            logprobs=_logprobs(out) if params.get("logprobs") is not None else None, expired=expired)
+        self.writes.append((claim.id, rt.writer.submit(finished)))
+        self.counts["prompt_tokens"] += out.prompt_tokens
+        self.counts["completion_tokens"] += out.completion_tokens
 
-    if failures:
-        _store_retrying(lambda: rt.store.jobs.mark_failed(failures))
-        counts["failed"] += len(failures)
-    rejected: list[JobFailure] = []
-    for job_id, fut in writes:
-        try:
-            stored = fut.result()
-        except ResultRejected as e:
-            rejected.append(JobFailure(job_id, "result_rejected", str(e)))
-            continue
-        counts["succeeded" if stored else "duplicate"] += 1
-    if rejected:
-        _store_retrying(lambda: rt.store.jobs.mark_failed(rejected))
-        counts["failed"] += len(rejected)
-    return counts
+    def _store(self) -> None:
+        rt = self.rt
+        if self.failures:
+            _store_retrying(lambda: rt.store.jobs.mark_failed(self.failures))
+            self.counts["failed"] += len(self.failures)
+        rejected: list[JobFailure] = []
+        for job_id, fut in self.writes:
+            try:
+                stored = fut.result()
+            except ResultRejected as e:
+                rejected.append(JobFailure(job_id, "result_rejected", str(e)))
+                continue
+            self.counts["succeeded" if stored else "duplicate"] += 1
+        if rejected:
+            _store_retrying(lambda: rt.store.jobs.mark_failed(rejected))
+            self.counts["failed"] += len(rejected)
+        if self.holding.given_back:
+            back = sorted(self.holding.given_back)
+            _store_retrying(lambda: rt.store.jobs.give_back(back, rt.config.hostname))
+            log.info("handed %d unfinished job(s) back to the queue", len(back))
 
 
-def _wait(rt: WorkerRuntime, claim: Any, fut: Future) -> Any:
+def _claim(rt: WorkerRuntime, job_ids: list[str]) -> list[JobClaim]:
+    """Marks the jobs running (counting the attempt); the store may be restarting: retried, and
+    if it stays away, the task goes back to the queue rather than being lost."""
+    try:
+        return _store_retrying(lambda: rt.store.jobs.mark_running(job_ids, rt.config.hostname))
+    except Exception as e:  # noqa: BLE001 - whatever it is, the task must not be acknowledged
+        raise Reject(f"could not claim the jobs in the store ({e!r})", requeue=True) from e
+
+
+def _wait(rt: WorkerRuntime, job: _Job) -> Any:
+    claim, fut = job.claim, job.future
+    assert fut is not None
     deadline = getattr(claim, "expires_at", None)
     if deadline is None:
         return fut.result()
@@ -154,6 +257,6 @@ def _store_retrying(work: Any, attempts: int = 30) -> Any:
         except Exception as e:  # noqa: BLE001 - the database may be restarting
             if i == attempts - 1:
                 raise
-            log.warning("store write failed (%r); retrying in %.1fs", e, backoff)
+            log.warning("store call failed (%r); retrying in %.1fs", e, backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, 5.0)

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from api.auth import KeyCache, Principal, admin
+from api.auth import KeyCache, Principal, admin, announce_revocation
 from api.errors import ApiError
 from api.schemas.admin import ApiKey as ApiKeyModel
 from api.schemas.admin import ApiKeyList, CreatedApiKey, KeyCreate, Tenant, TenantCreate, TenantList, TenantRevoked
@@ -59,6 +59,7 @@ def revoke_tenant(tenant_id: str, request: Request, _: Principal = Depends(admin
     n = sum(1 for k in state.store.keys.list_keys(tenant_id) if state.store.keys.revoke_key(tenant_id, k.id))
     cache: KeyCache = request.app.state.key_cache
     cache.forget_tenant(tenant_id)
+    announce_revocation(state.dispatcher.redis)  # the other API processes check their cached keys again
     return {"id": tenant_id, "object": "tenant", "revoked_keys": n}
 
 
@@ -88,7 +89,7 @@ def list_keys(tenant_id: str, include_revoked: bool = False, _: Principal = Depe
                responses=responses(*_COMMON, MISSING))
 def revoke_key(tenant_id: str, key_id: str, request: Request, _: Principal = Depends(admin),
                state: ApiState = Depends(get_state)) -> Any:
-    """Revokes the key: it gets 401 from now on (in other API processes within a couple of seconds)."""
+    """Revokes the key: it gets 401 from now on, from every API process."""
     _require_tenant(state, tenant_id)
     state.store.keys.revoke_key(tenant_id, key_id)
     key = next((k for k in state.store.keys.list_keys(tenant_id, include_revoked=True) if k.id == key_id), None)
@@ -96,4 +97,5 @@ def revoke_key(tenant_id: str, key_id: str, request: Request, _: Principal = Dep
         raise ApiError(404, f"no key {key_id!r} for tenant {tenant_id!r}", code="key_not_found")
     cache: KeyCache = request.app.state.key_cache
     cache.forget_key(key_id)
+    announce_revocation(state.dispatcher.redis)
     return _key(key)

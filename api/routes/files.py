@@ -44,7 +44,7 @@ async def upload(
     limit = state.config.max_file_bytes
     if file.size is not None and file.size > limit:
         raise ApiError(413, f"the file is larger than the {limit}-byte limit", param="file", code="file_too_large")
-    name = (file.filename or "upload.jsonl")[:255]
+    name = _stored_name(file.filename)
     try:
         stored = await run_in_threadpool(state.store.files.create, who.tenant_id, file.file, purpose=purpose,
                                          filename=name, max_bytes=limit)
@@ -95,6 +95,13 @@ def content(file_id: str, who: Principal = Depends(tenant), state: ApiState = De
     return StreamingResponse(chunks, media_type="application/octet-stream",
                              headers={"Content-Length": str(f.bytes),
                                       "Content-Disposition": f'attachment; filename="{_safe(f.filename)}"'})
+
+
+def _stored_name(filename: str | None) -> str:
+    """The name kept for an upload: as sent, less control characters (NUL cannot be stored), at
+    most 255 characters. It is only a label: content is stored and found by the file's id alone."""
+    name = re.sub(r"[\x00-\x1f\x7f]", "_", filename or "")[:255]
+    return name or "upload.jsonl"
 
 
 def _safe(name: str) -> str:

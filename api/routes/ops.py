@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 
 from api.metrics import family
+from api.schemas.common import responses
 from api.schemas.ops import Health, Readiness
 from api.state import ApiState, get_state
 
@@ -17,7 +18,7 @@ router = APIRouter(tags=["operations"])
 OPEN = {"security": []}
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness", openapi_extra=OPEN)
+@router.get("/healthz", response_model=Health, summary="Liveness", openapi_extra=OPEN, responses=responses())
 async def healthz() -> Any:
     """The process is up (no dependency is checked)."""
     return {"status": "ok"}
@@ -45,7 +46,7 @@ def _workers_by_model(state: ApiState) -> dict[str, int] | None:
 
 
 @router.get("/readyz", response_model=Readiness, summary="Readiness", openapi_extra=OPEN,
-            responses={503: {"model": Readiness, "description": "not ready: see which part is missing"}})
+            responses=responses({503: {"model": Readiness, "description": "not ready: see which part is missing"}}))
 def readyz(state: ApiState = Depends(get_state)) -> Any:
     """Ready when the database and Redis answer and every served model has at least one live worker."""
     db = _database_ok(state)
@@ -67,12 +68,16 @@ _ENGINE_GAUGES = {
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, openapi_extra=OPEN,
-            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                             "description": "Prometheus text exposition"}})
+            responses=responses({200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition"}}))
 def metrics(state: ApiState = Depends(get_state)) -> PlainTextResponse:
     """Requests (this process), jobs by status, queue depth per queue, tokens in and out per model,
     and the workers' engine gauges. Parts whose source is down are left out."""
     lines = state.metrics.lines()
+    resent = dict(getattr(state.reconciler, "resent_total", {}) or {})
+    lines += family("tokenmill_api_reconciler_resent_total", "counter",
+                    "Jobs whose task Redis had lost, sent again by this API process's reconciler.",
+                    [({"status": s}, resent.get(s, 0)) for s in ("queued", "running")])
     try:
         counts = state.store.jobs.count_by_status()
         lines += family("tokenmill_jobs", "gauge", "Jobs by status (all tenants).",

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api.schemas.common import no_nul
 
 
 class TenantCreate(BaseModel):
@@ -14,6 +16,8 @@ class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
+
+    _storable_name = field_validator("name")(no_nul)
 
 
 class Tenant(BaseModel):
@@ -38,6 +42,8 @@ class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, max_length=200)
+
+    _storable_name = field_validator("name")(no_nul)
 
 
 class ApiKey(BaseModel):

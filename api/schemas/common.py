@@ -54,8 +54,9 @@ FORBIDDEN = {403: _err("the admin key is needed")}
 
 
 def responses(*groups: dict[int, Any]) -> dict[int | str, Any]:
-    """Merges the error response groups of one endpoint."""
-    out: dict[int | str, Any] = {}
+    """Merges the error response groups of one endpoint. Every endpoint may answer 400: a URL
+    that holds a NUL character is refused before routing, whatever the endpoint."""
+    out: dict[int | str, Any] = dict(BAD)
     for g in groups:
         out.update(g)
     return out
@@ -89,6 +90,13 @@ def _iso_datetime(value: object) -> object:
 
 IsoDate = Annotated[date, BeforeValidator(_iso_date)]
 IsoDateTime = Annotated[datetime, BeforeValidator(_iso_datetime)]
+
+
+def no_nul(value: str | None) -> str | None:
+    """A validator for text the store keeps in a text column (PostgreSQL takes no NUL there)."""
+    if value is not None and "\x00" in value:
+        raise ValueError("must not hold a NUL character")
+    return value
 
 
 def sse_schema(events: list[str] | None = None, description: str = "") -> dict[str, Any]:

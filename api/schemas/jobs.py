@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from api.schemas.common import no_nul
 from api.schemas.messages import Messages
 from api.schemas.sampling import SamplingParams
 
@@ -31,6 +32,8 @@ class JobCreate(BaseModel):
     deadline: AwareDatetime | None = Field(None, description="past this time the job is expired instead of run")
     timeout_s: float | None = Field(None, gt=0, le=30 * 86400, description="deadline as seconds from now")
     stream: bool = Field(False, description="publish the text as it is generated (GET /v1/jobs/{id}/events)")
+
+    _storable_key = field_validator("idempotency_key")(no_nul)
 
     @model_validator(mode="after")
     def _one_input(self) -> JobCreate:

@@ -13,7 +13,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from api.schemas.messages import Messages
-from api.schemas.sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN, Number, StopString, check_stop_count
+from api.schemas.sampling import (
+    MAX_LOGPROBS,
+    MIN_REPETITION_PENALTY,
+    SEED_MAX,
+    SEED_MIN,
+    Number,
+    StopString,
+    check_stop_count,
+)
 
 TokenId = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
 PromptText = Annotated[str, Field(min_length=1, max_length=10_000_000)]
@@ -49,7 +57,7 @@ class _SamplingFields(BaseModel):
     # vLLM-style extras
     top_k: StrictInt | None = Field(None, ge=0, le=1_000_000)
     min_p: Number | None = Field(None, ge=0, le=1)
-    repetition_penalty: Number | None = Field(None, gt=0, le=100)
+    repetition_penalty: Number | None = Field(None, ge=MIN_REPETITION_PENALTY, le=100)
     min_tokens: StrictInt | None = Field(None, ge=0)
     ignore_eos: StrictBool | None = None
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)

@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 MAX_LOGPROBS = 20  # engine.sampling_params.MAX_LOGPROBS
+MIN_REPETITION_PENALTY = 0.01  # engine.sampling_params.MIN_REPETITION_PENALTY
 MAX_STOP = 16
 
 
@@ -49,7 +50,7 @@ class SamplingParams(BaseModel):
     min_p: Number = Field(0.0, ge=0, le=1)
     presence_penalty: Number = Field(0.0, ge=-2, le=2)
     frequency_penalty: Number = Field(0.0, ge=-2, le=2)
-    repetition_penalty: Number = Field(1.0, gt=0, le=100)
+    repetition_penalty: Number = Field(1.0, ge=MIN_REPETITION_PENALTY, le=100)
     seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: StopString | list[StopString] | None = Field(None, description="a string or up to 16 strings")
     stop_token_ids: list[Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]] | None = Field(None, max_length=64)

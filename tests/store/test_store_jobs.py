@@ -178,6 +178,24 @@ def test_mark_failed_requeue_and_expire(store: Store, tenant_id: str) -> None:
     assert store.jobs.get_job(tenant_id, a).status == "failed"  # type: ignore[union-attr]
 
 
+def test_a_job_stopped_at_its_deadline_is_expired_with_its_result_and_usage_in_one_write(
+        store: Store, tenant_id: str) -> None:
+    a, b, c = (x.id for x in store.jobs.create_jobs(tenant_id, [spec(0), spec(1), spec(2)]))
+    store.jobs.mark_running([a, b, c], "w")
+    store.jobs.cancel(tenant_id, c)
+    out = store.jobs.record_results([finished(a, completion=4, expired=True), finished(b),
+                                     finished(c, expired=True)])
+    assert sorted(out.recorded) == sorted([a, b, c])
+    job = store.jobs.get_job(tenant_id, a)
+    assert (job.status, job.error_code) == ("expired", "expired") and job.finished_at is not None  # type: ignore[union-attr]
+    assert "deadline" in job.error_message  # type: ignore[union-attr]
+    assert store.jobs.get_usage(tenant_id, a).completion_tokens == 4  # type: ignore[union-attr]
+    assert store.jobs.get_result(tenant_id, a) is not None
+    assert store.jobs.get_job(tenant_id, b).status == "succeeded"  # type: ignore[union-attr]
+    assert store.jobs.get_job(tenant_id, c).status == "cancelled"  # a cancel wins; the tokens still count  # type: ignore[union-attr]
+    assert store.jobs.get_usage(tenant_id, c) is not None
+
+
 def test_hot_path_handles_thousands_of_jobs_in_few_calls(store: Store, tenant_id: str) -> None:
     ids = [c.id for c in store.jobs.create_jobs(tenant_id, [spec(i) for i in range(3000)])]
     assert len(store.jobs.mark_running(ids, "w")) == 3000

@@ -1,0 +1,94 @@
+"""Fixtures of the worker half of the reliability suite (`test_worker_*.py`): a migrated PostgreSQL
+database per module (prefix ``tokenmill_rel``), Redis database 11 (flushed at the start and end of
+each module: that database is this suite's alone), a tiny random Llama, and a factory of real
+`tokenmill worker` processes, all stopped at the end of the module, and the reconciler that API
+processes run. The API half of the suite imports its own fixtures (`api_fixtures.py`) and uses none
+of these."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from pg_helpers import migrated_postgres
+from relworker import REDIS_URL
+from store import Store
+from worker_process import WorkerProcess
+from workers.app import QueueConfig, make_celery
+
+
+@pytest.fixture(scope="module")
+def rel_database_url() -> Iterator[str]:
+    with migrated_postgres("tokenmill_rel") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def rel_store(rel_database_url: str) -> Iterator[Store]:
+    s = Store.open(rel_database_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def rel_redis() -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(REDIS_URL)
+    r.flushdb()
+    yield r
+    r.flushdb()
+
+
+@pytest.fixture(scope="module")
+def rel_celery(rel_redis: redis.Redis):
+    """The sending side (what the API uses), on database 11."""
+    return make_celery(QueueConfig(redis_url=REDIS_URL))
+
+
+@pytest.fixture(scope="module")
+def rel_model_dir(tiny_model_dir: Callable[[str], Path]) -> Path:
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture()
+def rel_tenant(rel_store: Store) -> str:
+    """A fresh tenant per test, so that counting its jobs counts the test's jobs."""
+    return rel_store.keys.create_tenant(f"rel-{random.randrange(10**9)}").id
+
+
+@pytest.fixture(scope="module")
+def spawn_worker(rel_database_url: str, rel_redis: redis.Redis, rel_model_dir: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory: ``spawn_worker(wait=True, database_url=None, **kw)`` starts a worker for the tiny
+    model (``kw``: `WorkerProcess` options) and, with ``wait``, returns once it consumes."""
+    procs: list[WorkerProcess] = []
+
+    def spawn(*, wait: bool = True, database_url: str | None = None, **kw) -> WorkerProcess:
+        log = tmp_path_factory.mktemp("worker") / "worker.log"
+        w = WorkerProcess(rel_model_dir, "tiny", database_url or rel_database_url, log, redis_url=REDIS_URL, **kw)
+        procs.append(w)
+        return w.wait_ready(rel_redis) if wait else w
+
+    yield spawn
+    for w in procs:
+        w.terminate(timeout=20)
+
+
+@pytest.fixture()
+def rel_reconciler(rel_store: Store):
+    """The reconciler (`api.reconciler`, which every API process runs), passing every second over
+    jobs open for 3 s: it sends again a task that Redis lost. A worker process that dies while
+    Redis hands it a task (the reply to its BRPOP in flight) takes that task with it, a window
+    that kombu's Redis transport leaves open; in production the API's reconciler closes it."""
+    from api.queue import Dispatcher
+    from api.reconciler import Reconciler
+
+    dispatcher = Dispatcher(REDIS_URL)
+    reconciler = Reconciler(rel_store, dispatcher, interval_s=1.0, min_age_s=3.0)
+    reconciler.start()
+    yield reconciler
+    reconciler.stop()
+    dispatcher.close()

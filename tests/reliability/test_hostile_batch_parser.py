@@ -1,0 +1,149 @@
+"""Hypothesis against the batch-file parser: `store.batches.BatchStore.ingest` with the API's own
+per-line check (`api.batch_runner.BatchRunner.preparer`), on a real PostgreSQL database.
+
+Whatever the file holds — invalid JSON or UTF-8, deep nesting, NUL and unpaired surrogates in
+custom_id or body, non-finite numbers, wrong methods and URLs, hostile bodies — ingestion never
+raises (a raise leaves the batch stuck in `validating`, re-ingested forever), a good line is never
+blamed, a bad one is reported with its line number, and a batch either holds exactly its lines as
+jobs or none at all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from api.batch_runner import BatchRunner
+from api.config import ApiConfig
+from api.queue import Dispatcher
+from api.registry import ModelRegistry
+from hostile_fixtures import PG_PREFIX, REDIS_URL, TINY, tiny_dir  # noqa: F401 - fixture
+from pg_helpers import migrated_postgres
+from store import Store
+
+ENDPOINT = "/v1/completions"
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[Store]:
+    with migrated_postgres(PG_PREFIX) as url:
+        s = Store.open(url)
+        yield s
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def runner(store: Store, tiny_dir: Path) -> BatchRunner:  # noqa: F811 - the imported fixture
+    config = ApiConfig(database_url="unused", redis_url=REDIS_URL, models={TINY: str(tiny_dir)}, run_batch_loop=False)
+    # Nothing is sent: only the per-line check is used (the dispatcher connects lazily).
+    return BatchRunner(config, store, Dispatcher(REDIS_URL), ModelRegistry(config.models))
+
+
+@pytest.fixture(scope="module")
+def tenant(store: Store) -> str:
+    return store.keys.create_tenant("batch-fuzz").id
+
+
+def _line(custom_id: Any, body: Any, method: Any = "POST", url: Any = ENDPOINT) -> bytes:
+    return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body},
+                      ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+def good(i: int) -> bytes:
+    return _line(f"req-{i}", {"model": TINY, "prompt": f"line {i}", "max_tokens": 2})
+
+
+# Lines that must be refused, by kind (each a function of the line's index, for unique ids).
+BAD = {
+    "invalid_json": lambda i: b'{"custom_id": "x", ',
+    "invalid_utf8": lambda i: b'{"custom_id": "\xff\xfe", "method": "POST"}',
+    "invalid_utf8_in_prompt": lambda i: _line(f"u{i}", {"model": TINY, "prompt": "ok"}).replace(b"ok", b"o\xc3"),
+    "deep_list": lambda i: b"[" * 100_000,
+    "deep_object": lambda i: b'{"a":' * 50_000,
+    "deep_body": lambda i: _line(f"d{i}", {"model": TINY, "prompt": "x"}).replace(b'"x"', b"[" * 5000 + b"]" * 5000),
+    "nul_custom_id": lambda i: _line(f"a\x00{i}", {"model": TINY, "prompt": "x"}),
+    "surrogate_custom_id": lambda i: _line(f"a\ud800{i}", {"model": TINY, "prompt": "x"}),
+    "escaped_surrogate_custom_id": lambda i: f'{{"custom_id": "s\\udc80{i}", "method": "POST", "url": "{ENDPOINT}", '
+                                             f'"body": {{"model": "{TINY}", "prompt": "x"}}}}'.encode(),
+    "long_custom_id": lambda i: _line("c" * 201, {"model": TINY, "prompt": "x"}),
+    "int_custom_id": lambda i: _line(i, {"model": TINY, "prompt": "x"}),
+    "nan_prompt": lambda i: _line(f"n{i}", {"model": TINY, "prompt": "x"}).replace(b'"x"', b"NaN"),
+    "infinite_max_tokens": lambda i: _line(f"f{i}", {"model": TINY, "prompt": "x", "max_tokens": 1}).replace(
+        b'"max_tokens": 1', b'"max_tokens": Infinity'),
+    "surrogate_prompt": lambda i: _line(f"p{i}", {"model": TINY, "prompt": "a\ud800"}),
+    "wrong_method": lambda i: _line(f"m{i}", {"model": TINY, "prompt": "x"}, method="GET"),
+    "wrong_url": lambda i: _line(f"w{i}", {"model": TINY, "prompt": "x"}, url="/v1/admin/tenants"),
+    "unknown_model": lambda i: _line(f"k{i}", {"model": "../../etc/passwd", "prompt": "x"}),
+    "body_not_object": lambda i: _line(f"b{i}", ["model", TINY]),
+    "array_line": lambda i: b"[1, 2, 3]",
+    "prompt_past_context": lambda i: _line(f"l{i}", {"model": TINY, "prompt": [5] * 600}),
+    "stream": lambda i: _line(f"t{i}", {"model": TINY, "prompt": "x", "stream": True}),
+    "nul_byte_outside_strings": lambda i: b'{"custom_id": "z\x00"}',
+}
+# Lines that may be accepted or refused; either way, cleanly.
+ODD = {
+    "nul_in_prompt": lambda i: _line(f"o{i}", {"model": TINY, "prompt": "a\x00b", "max_tokens": 1}),
+    "control_chars": lambda i: _line(f"\x01\x1b[2J{i}", {"model": TINY, "prompt": "\x07\x08", "max_tokens": 1}),
+    "template_syntax": lambda i: _line(f"{{{{ config }}}}{i}", {"model": TINY, "prompt": "{% raw %}{{ 7*7 }}"}),
+    "crlf": lambda i: good(i) + b"\r",
+    "bom": lambda i: b"\xef\xbb\xbf" + good(i),
+    "extra_fields": lambda i: _line(f"e{i}", {"model": TINY, "prompt": "x", "max_tokens": 1, "x" * 300: [{}] * 50}),
+    "duplicate_keys": lambda i: good(i).replace(b'"custom_id"', b'"custom_id": "dup", "custom_id"', 1),
+}
+
+line_kind = st.sampled_from(["good"] * 4 + sorted(BAD) + sorted(ODD))
+
+
+@pytest.mark.slow
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(kinds=st.lists(line_kind, min_size=1, max_size=6), blank_between=st.booleans())
+def test_the_batch_parser_never_raises_and_names_every_bad_line(kinds, blank_between, store, runner, tenant) -> None:
+    raw_lines: list[bytes] = []
+    numbers: dict[int, str] = {}  # line number -> kind
+    for i, kind in enumerate(kinds):
+        line = good(i) if kind == "good" else (BAD.get(kind) or ODD[kind])(i)
+        raw_lines.append(line)
+        numbers[len(raw_lines)] = kind
+        if blank_between:
+            raw_lines.append(b"   ")
+    f = store.files.create(tenant, [b"\n".join(raw_lines) + b"\n"], purpose="batch", filename="fuzz.jsonl")
+    batch = store.batches.create(tenant, input_file_id=f.id, endpoint=ENDPOINT)
+    prepare, _model = runner.preparer(ENDPOINT)
+
+    report = store.batches.ingest(tenant, batch.id, prepare=prepare, max_lines=1000)  # must not raise
+
+    after = store.batches.get(tenant, batch.id)
+    jobs = store.jobs.list_jobs(tenant, batch_id=batch.id, limit=1000).jobs
+    blamed = {e["line"]: e for e in report.errors}
+    for line, err in blamed.items():
+        assert err["message"] and err["code"], err
+        assert line is not None and numbers.get(line, "good") != "good", (line, err, numbers)
+    for line, kind in numbers.items():
+        if kind in BAD and len(report.errors) < 50:
+            assert line in blamed, (kind, line, report.errors)
+    if report.errors:
+        event("failed")
+        assert after.status == "failed" and after.errors and not jobs
+    else:
+        event("in_progress")
+        assert after.status == "in_progress" and after.total == len(kinds) == len(jobs)
+        for job in jobs:
+            json.dumps(store.jobs.get_job(tenant, job.id).request, allow_nan=False).encode("utf-8")
+
+
+@pytest.mark.slow
+def test_each_kind_of_bad_line_alone_fails_the_batch_with_its_line_number(store, runner, tenant) -> None:
+    for kind, make in sorted(BAD.items()):
+        lines = [good(0), make(1), good(2)]
+        f = store.files.create(tenant, [b"\n".join(lines)], purpose="batch", filename=f"{kind}.jsonl")
+        batch = store.batches.create(tenant, input_file_id=f.id, endpoint=ENDPOINT)
+        prepare, _ = runner.preparer(ENDPOINT)
+        report = store.batches.ingest(tenant, batch.id, prepare=prepare)
+        assert [e["line"] for e in report.errors] == [2], (kind, report.errors)
+        assert store.batches.get(tenant, batch.id).status == "failed", kind
