@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -12,26 +9,23 @@ from pathlib import Path
 
 import redis
 
-REPO = Path(__file__).resolve().parents[1]
+from logged_process import LoggedProcess
 
 
-class WorkerProcess:
+class WorkerProcess(LoggedProcess):
     """A `tokenmill worker` subprocess whose output goes to ``log_path``."""
 
     def __init__(self, model_dir: Path, served: str, database_url: str, log_path: Path, *, redis_url: str,
                  concurrency: int = 64, visibility_timeout_s: int = 5, extra_env: dict | None = None,
                  extra_args: list[str] | None = None) -> None:
         self.hostname = f"{served}-{uuid.uuid4().hex[:6]}@test"
-        env = {**os.environ, "TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": redis_url,
-               "TOKENMILL_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s), "PYTHONUNBUFFERED": "1",
-               **(extra_env or {})}
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
+        env = {"TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": redis_url,
+               "TOKENMILL_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s), **(extra_env or {})}
+        super().__init__(
             [sys.executable, "-m", "tokenmill.cli", "worker", "--model", str(model_dir), "--served-name", served,
              "--device", "cpu", "--dtype", "float32", "--concurrency", str(concurrency), "--hostname", self.hostname,
              "--loglevel", "INFO", *(extra_args or [])],
-            env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+            env, log_path)
 
     @property
     def stats_key(self) -> str:
@@ -51,27 +45,6 @@ class WorkerProcess:
             time.sleep(0.2)
         raise AssertionError(f"worker not ready after {timeout}s:\n{self.log()}")
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, no acknowledgements."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if not self._log.closed:
-            self._log.close()
-        return self.proc.returncode
+        return self.stop(timeout)

@@ -188,12 +188,13 @@ class EngineLoop:
                         except Exception:
                             log.exception("publishing engine stats failed")
         except BaseException as e:  # noqa: BLE001 - everything held must learn of the crash
-            self.crashed = e
             log.critical("engine loop crashed: %r", e, exc_info=True)
             if self._on_crash is not None:
-                # First, while the futures still wait: the worker records what was in the batch
-                # and exits; the tasks must not see the crash (and exit) before that.
+                # First, while the futures still wait and before `crashed` makes new submissions
+                # fail: the worker records what was in the batch and exits. A task that saw the
+                # crash first would exit the process before the record is written.
                 self._on_crash(e, list(self._pending))
+            self.crashed = e
             for fut, _ in list(self._pending.values()):
                 if not fut.done():
                     fut.set_exception(EngineCrashed(repr(e)))

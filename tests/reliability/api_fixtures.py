@@ -10,7 +10,6 @@ needs no conftest.py and shares nothing with the worker-fault tests of the same 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import httpx
 import pytest
 import redis
 
+from logged_process import LoggedProcess as Proc
 from pg_helpers import migrated_postgres
 from store import Store
 from tokenmill.redis_embedded import free_port
@@ -32,36 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED_REDIS_URL = os.environ.get("TOKENMILL_TEST_RELAPI_REDIS_URL", "redis://127.0.0.1:6379/10")
 TINY = "tiny"
 FINAL = ("succeeded", "failed", "cancelled", "expired")
-
-
-class Proc:
-    """A subprocess whose output goes to a log file."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(argv, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, cwd=REPO,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self, tail: int = 6000) -> str:
-        return self.log_path.read_text(errors="replace")[-tail:]
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
 
 
 class PrivateRedis:
@@ -158,7 +128,7 @@ class Server:
 
     def client(self, key: str | None = None, **kw: object) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, **{"timeout": 60, **kw})  # type: ignore[arg-type]
+        return httpx.Client(base_url=self.url, headers=headers, **{"timeout": 120, **kw})  # type: ignore[arg-type]
 
 
 def start_api(*, redis_url: str, database_url: str, model_dir: Path, log_dir: Path, **settings: str) -> Server:
@@ -170,7 +140,7 @@ def start_api(*, redis_url: str, database_url: str, model_dir: Path, log_dir: Pa
     p = Proc([sys.executable, "-m", "uvicorn", "tokenmill.cli_api:make_app", "--factory", "--host", "127.0.0.1",
               "--port", str(port), "--log-level", "warning"], env, log_dir / f"api-{port}.log")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while True:
         if not p.alive():
             raise AssertionError(f"API exited with {p.proc.returncode}:\n{p.log()}")

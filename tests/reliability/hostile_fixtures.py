@@ -14,11 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +25,9 @@ import pytest
 import redis
 from hypothesis import strategies as st
 
+from api_fixtures import Proc, Server, start_api, start_worker  # noqa: F401 - Proc for the tests
 from pg_helpers import migrated_postgres
 from store import Store
-from tokenmill.redis_embedded import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("TOKENMILL_TEST_RELSEC_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -40,91 +36,6 @@ TINY = "tiny"
 CONTEXT = 512  # max_position_embeddings of the tiny models (tests/tiny_models.py)
 MAX_FILE_BYTES = 64 * 1024  # the live API's upload cap (small, so the cap itself can be tested)
 FINAL = ("succeeded", "failed", "cancelled", "expired")
-
-
-class Proc:
-    """A subprocess whose output goes to a log file."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(argv, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, cwd=REPO,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self, tail: int = 6000) -> str:
-        return self.log_path.read_text(errors="replace")[-tail:]
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if not self._log.closed:
-            self._log.close()
-
-
-def start_worker(database_url: str, model_dir: Path, log_path: Path, r: redis.Redis,
-                 served: str = TINY, concurrency: int = 8) -> tuple[Proc, str]:
-    """A ready `tokenmill worker` on the CPU (its engine figures published, Celery consuming)."""
-    hostname = f"{served}-{uuid.uuid4().hex[:6]}@relsec"
-    env = {"TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": REDIS_URL,
-           "TOKENMILL_VISIBILITY_TIMEOUT_S": "60"}
-    p = Proc([sys.executable, "-m", "tokenmill.cli", "worker", "--model", str(model_dir), "--served-name", served,
-              "--device", "cpu", "--dtype", "float32", "--concurrency", str(concurrency), "--hostname", hostname],
-             env, log_path)
-    deadline = time.monotonic() + 240
-    while True:
-        if not p.alive():
-            raise AssertionError(f"worker exited with {p.proc.returncode}:\n{p.log()}")
-        if r.exists(f"tokenmill:worker:{hostname}") and b"ready" in log_path.read_bytes():
-            time.sleep(0.5)  # Celery starts consuming right after the ready line
-            return p, hostname
-        if time.monotonic() > deadline:
-            p.stop()
-            raise AssertionError(f"worker not ready:\n{p.log()}")
-        time.sleep(0.2)
-
-
-@dataclass
-class Server:
-    """One live API process."""
-
-    url: str
-    proc: Proc
-
-    def client(self, key: str | None = None, **kw: object) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=120, **kw)  # type: ignore[arg-type]
-
-
-def start_server(database_url: str, model_dir: Path, log_dir: Path, admin_key: str, **settings: str) -> Server:
-    """`uvicorn tokenmill.cli_api:make_app` on a free port with these TOKENMILL_* settings."""
-    port = free_port()
-    env = {"TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": REDIS_URL,
-           "TOKENMILL_SERVED_MODELS": f"{TINY}={model_dir}", "TOKENMILL_ADMIN_KEY": admin_key,
-           **{f"TOKENMILL_{k.upper()}": v for k, v in settings.items()}}
-    p = Proc([sys.executable, "-m", "uvicorn", "tokenmill.cli_api:make_app", "--factory", "--host", "127.0.0.1",
-              "--port", str(port), "--log-level", "warning"], env, log_dir / f"api-{port}.log")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        if not p.alive():
-            raise AssertionError(f"API exited with {p.proc.returncode}:\n{p.log()}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return Server(url, p)
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            p.stop()
-            raise AssertionError(f"API not up:\n{p.log()}")
-        time.sleep(0.1)
 
 
 @dataclass
@@ -220,12 +131,13 @@ def _start_stack(model_dir: Path, log_dir: Path) -> tuple[Stack, Callable[[], No
     admin_key = "tm-admin-" + secrets.token_urlsafe(16)
     started: list[Proc] = []
     try:
-        worker, hostname = start_worker(database_url, model_dir, log_dir / "worker.log", r)
+        worker, hostname = start_worker(redis_url=REDIS_URL, database_url=database_url, model_dir=model_dir,
+                                        log_dir=log_dir, visibility_timeout_s=60, wait_s=240)
         started.append(worker)
         servers = []
         for _ in range(2):
-            s = start_server(database_url, model_dir, log_dir, admin_key, max_file_bytes=str(MAX_FILE_BYTES),
-                             batch_interval_s="0.5")
+            s = start_api(redis_url=REDIS_URL, database_url=database_url, model_dir=model_dir, log_dir=log_dir,
+                          admin_key=admin_key, max_file_bytes=str(MAX_FILE_BYTES), batch_interval_s="0.5")
             started.append(s.proc)
             servers.append(s)
     except BaseException:
