@@ -31,7 +31,7 @@ from engine.request import Request, RequestStatus
 from engine.runner import ModelRunner, TokenFeed
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.tokenizer import Tokenizer
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV pool on CPU when neither blocks nor bytes are given
@@ -253,7 +253,7 @@ class Engine:
                 outputs += self._process(launched)
         return outputs
 
-    def _launch(self, batch: Any, defer: bool) -> SampledStep | None:
+    def _launch(self, batch: ScheduledBatch, defer: bool) -> SampledStep | None:
         """Runs the model and the sampler on the step (asynchronously on a GPU); with `defer` the
         tokens are left on the device and counted as pending."""
         # Requests whose chunk reaches the end of their tokens get a new token this step.

@@ -40,7 +40,6 @@ class Readback:
     buffer is refilled two steps after its copy, long after its tokens were read)."""
 
     def __init__(self, device: torch.device, max_rows: int) -> None:
-        self.device = device
         self._buffers: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         if device.type == "cuda":
             self._buffers = [(torch.empty(max_rows, dtype=torch.int64, pin_memory=True), torch.cuda.Event())

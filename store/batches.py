@@ -27,7 +27,7 @@ from store.errors import InvalidTransition, NotFound
 from store.files import FileStore
 from store.jobs import insert_jobs
 from store.models import Batch, Job, Result, Usage
-from store.sql import chunked, new_id, utcnow
+from store.sql import chunked, new_id, paged_ids, utcnow
 from store.types import BatchCounts, IngestReport, JobSpec
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -355,22 +355,14 @@ class BatchStore:
         """The ids of the batch's queued jobs, in id order, a page at a time, for sending their
         tasks; only while the batch is ``in_progress``: once it is cancelled (or expired) the next
         page is empty, so a batch that left ``in_progress`` has nothing more sent."""
-        last = ""
-        while True:
-            stmt = (
-                select(Job.id)
-                .join(Batch, Batch.id == Job.batch_id)
-                .where(Job.batch_id == batch_id, Job.tenant_id == tenant_id, Job.status == "queued",
-                       Batch.status == "in_progress", Job.id > last)
-                .order_by(Job.id)
-                .limit(page_size)
-            )
-            with self._db.read() as s:
-                ids = list(s.scalars(stmt))
-            yield from ids
-            if len(ids) < page_size:
-                return
-            last = ids[-1]
+        queued = (
+            select(Job.id)
+            .join(Batch, Batch.id == Job.batch_id)
+            .where(Job.batch_id == batch_id, Job.tenant_id == tenant_id, Job.status == "queued",
+                   Batch.status == "in_progress")
+        )
+        return paged_ids(self._db, lambda last: queued.where(Job.id > last).order_by(Job.id).limit(page_size),
+                         page_size)
 
     @staticmethod
     def _parse_line(

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from store.db import Database
 from store.errors import NotFound
 from store.models import JOB_KINDS, JOB_STATUSES, Batch, Job, Result, Tenant, Usage
-from store.sql import among, insert_ignoring, new_id, utcnow
+from store.sql import among, insert_ignoring, new_id, paged_ids, utcnow
 from store.types import CreatedJob, FinishedJob, JobClaim, JobFailure, JobPage, JobSpec, OpenJob, RecordOutcome
 
 ACTIVE = ("queued", "running")
@@ -248,16 +248,9 @@ class JobStore:
     ) -> Iterator[str]:
         """The ids of the tenant's matching jobs, in id order, fetched a page at a time (e.g. to
         send a batch's tasks to the queue without holding them all)."""
-        last = ""
-        while True:
-            stmt = self._filtered(select(Job.id), tenant_id, status, batch_id, None)
-            stmt = stmt.where(Job.id > last).order_by(Job.id).limit(page_size)
-            with self._db.read() as s:
-                ids = list(s.scalars(stmt))
-            yield from ids
-            if len(ids) < page_size:
-                return
-            last = ids[-1]
+        matching = self._filtered(select(Job.id), tenant_id, status, batch_id, None)
+        return paged_ids(self._db, lambda last: matching.where(Job.id > last).order_by(Job.id).limit(page_size),
+                         page_size)
 
     def open_jobs_before(self, *, queued_before: datetime, running_before: datetime,
                          limit: int = 5000) -> list[OpenJob]:

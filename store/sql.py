@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import ColumnElement, Table, any_, bindparam
+from sqlalchemy import ColumnElement, Select, Table, any_, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
+
+if TYPE_CHECKING:
+    from store.db import Database
 
 T = TypeVar("T")
 
@@ -52,3 +55,16 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def paged_ids(db: "Database", page_after: Callable[[str], Select], page_size: int) -> Iterator[str]:
+    """Ids in id order, one read a page: ``page_after(last)`` selects at most ``page_size`` ids
+    greater than ``last`` (keyset pagination, so rows added or changed meanwhile never shift it)."""
+    last = ""
+    while True:
+        with db.read() as s:
+            ids = list(s.scalars(page_after(last)))
+        yield from ids
+        if len(ids) < page_size:
+            return
+        last = ids[-1]
