@@ -6,7 +6,8 @@ Kernels know only tensors: nothing here imports the engine, the queue or the sto
 """
 
 from kernels.activation import silu_and_mul
-from kernels.attention import AttnMetadata, paged_attention, write_kv
+from kernels.attention import paged_attention, write_kv
+from kernels.metadata import AttnMetadata
 from kernels.norm import fused_add_rms_norm, rms_norm
 from kernels.rotary import apply_rotary, rotary_cos_sin
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import AttnMetadata
+from kernels.metadata import AttnMetadata
 
 _LOG2E = 1.4426950408889634
 

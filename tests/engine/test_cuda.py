@@ -156,7 +156,8 @@ def test_bf16_first_difference_is_within_each_others_top5(arch, mode, tiny_dir):
 def test_padded_rows_in_the_decode_kernel_write_nothing_and_read_nothing():
     """Rows with slot -1 and context length 0 (graph padding) beside real decodes: the real rows
     equal the reference, the padded rows come out finite, and the cache changes only at real slots."""
-    from kernels.attention import AttnMetadata, paged_attention_ref
+    from kernels.attention import paged_attention_ref
+    from kernels.metadata import AttnMetadata
     from kernels.triton.attention import paged_attention_triton, write_kv_triton
 
     gen = torch.Generator(device="cuda").manual_seed(random.randrange(1 << 30))

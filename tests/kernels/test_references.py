@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from kernels.activation import silu_and_mul_ref
-from kernels.attention import AttnMetadata, paged_attention_ref, write_kv_ref
+from kernels.attention import paged_attention_ref, write_kv_ref
+from kernels.metadata import AttnMetadata
 from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
 from kernels.rotary import apply_rotary_ref, rotary_cos_sin
 

@@ -20,7 +20,8 @@ if not _CUDA:
 pytest.importorskip("triton")
 
 from kernels.activation import silu_and_mul_ref  # noqa: E402
-from kernels.attention import AttnMetadata, paged_attention_ref, write_kv_ref  # noqa: E402
+from kernels.attention import paged_attention_ref, write_kv_ref  # noqa: E402
+from kernels.metadata import AttnMetadata  # noqa: E402
 from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref  # noqa: E402
 from kernels.rotary import apply_rotary_ref, rotary_cos_sin  # noqa: E402
 from kernels.triton.activation import silu_and_mul_triton  # noqa: E402
