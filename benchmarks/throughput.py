@@ -251,6 +251,7 @@ def run_gpu_suite(args) -> None:
     )
 
     from engine import LLM
+    from engine.kv_sizing import kv_bytes_per_block
     from engine.loader import dummy_config
 
     if args.runs:
@@ -292,7 +293,7 @@ def run_gpu_suite(args) -> None:
                   max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
                   overlap_steps=not args.no_overlap)
         engine = llm.engine
-        kv_gib = engine.num_blocks * engine.runner.kv_bytes_per_block(engine.info, engine.block_size, engine.dtype) / 2**30
+        kv_gib = engine.num_blocks * kv_bytes_per_block(engine.info, engine.block_size, engine.dtype) / 2**30
         print(f"  {shape}: engine ready in {time.perf_counter() - t0:.1f} s, KV pool {engine.num_blocks} blocks "
               f"({kv_gib:.1f} GiB), graphs {engine.runner.graphs.sizes if engine.runner.graphs else 'off'}",
               flush=True)

@@ -15,25 +15,15 @@ token is, so the device copies it in before the forward pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from engine.block_tables import BlockTables
 from engine.config import ModelInfo
 from engine.cuda_graphs import DecodeGraphs
 from engine.request import Request
+from engine.token_feed import TokenFeed
 from kernels import AttnMetadata
-
-
-@dataclass
-class TokenFeed:
-    """Input tokens that are still on the device: row `rows[i]` of the step takes
-    `tokens[src[i]]`, a token the previous step sampled."""
-
-    tokens: torch.Tensor
-    rows: list[int]
-    src: list[int]
 
 
 class _StepBuffers:
@@ -60,54 +50,6 @@ class _StepBuffers:
         self.feed_dst, self.feed_src = self.feed_dst_t.numpy(), self.feed_src_t.numpy()
         # Recorded after the copies that read these buffers; waited on before they are refilled.
         self.copied: torch.cuda.Event | None = None
-
-
-class _BlockTables:
-    """Every live request's block ids in one persistent numpy table, a row per request.
-
-    A request's row is extended only by the blocks added since the last step, and rebuilt when its
-    block list was replaced (freed, preempted, re-admitted with cached blocks). Rows of requests
-    that were not in the latest step are reclaimed when the table runs out of rows.
-    """
-
-    def __init__(self, max_seqs: int, max_blocks: int) -> None:
-        self.capacity = 2 * max_seqs + 16
-        self.table = np.zeros((self.capacity, max_blocks), dtype=np.int32)
-        # id(request) -> [request, its block list object, blocks copied, row, last step used]
-        self._state: dict[int, list] = {}
-        self._free_rows = list(range(self.capacity - 1, -1, -1))
-        self._step = 0
-
-    def rows(self, requests: list[Request]) -> tuple[np.ndarray, int]:
-        """Rows of the requests' tables, and the widest table among them (in blocks)."""
-        self._step += 1
-        step = self._step
-        out = np.empty(len(requests), dtype=np.int64)
-        width = 1
-        state, table = self._state, self.table
-        for i, r in enumerate(requests):
-            blocks = r.block_ids
-            st = state.get(id(r))
-            if st is None:
-                st = [r, blocks, 0, self._take_row(), step]
-                state[id(r)] = st
-            elif st[1] is not blocks or len(blocks) < st[2]:
-                st[1], st[2] = blocks, 0
-            n = len(blocks)
-            if n > st[2]:
-                table[st[3], st[2]:n] = blocks[st[2]:]
-                st[2] = n
-            st[4] = step
-            out[i] = st[3]
-            width = max(width, n)
-        return out, width
-
-    def _take_row(self) -> int:
-        if not self._free_rows:
-            stale = [k for k, st in self._state.items() if st[4] != self._step]
-            for k in stale:
-                self._free_rows.append(self._state.pop(k)[3])
-        return self._free_rows.pop()
 
 
 class ModelRunner:
@@ -147,64 +89,13 @@ class ModelRunner:
         self._buffers = [_StepBuffers(max_tokens, max_num_seqs, self.max_blocks_per_seq, is_cuda)
                          for _ in range(2 if is_cuda else 1)]
         self._turn = 0
-        self._tables = _BlockTables(max_num_seqs, self.max_blocks_per_seq)
+        self._tables = BlockTables(max_num_seqs, self.max_blocks_per_seq)
         self.graphs: DecodeGraphs | None = None
         if is_cuda and not enforce_eager:
             self.graphs = DecodeGraphs(self._forward_logits, max_num_seqs, self.max_blocks_per_seq,
                                        self.max_model_len, device)
             self.graphs.capture()
         self.last_step: tuple[np.ndarray, np.ndarray] | None = None  # (query lens, context lens)
-
-    @staticmethod
-    def kv_bytes_per_block(info: ModelInfo, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes one block takes across all layers, keys and values."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * info.num_layers * block_size * info.num_kv_heads * info.head_dim * itemsize
-
-    @staticmethod
-    @torch.inference_mode()
-    def profile_kv_cache_bytes(model: torch.nn.Module, info: ModelInfo, device: torch.device,
-                               max_num_batched_tokens: int, max_num_seqs: int, block_size: int,
-                               gpu_memory_utilization: float) -> int:
-        """Bytes of GPU memory the KV cache may take: `gpu_memory_utilization` of the card, less
-        what is in use (weights, CUDA context, other processes) and less the peak a step of
-        `max_num_batched_tokens` tokens needs on top of that (measured by running one, as vLLM does).
-        """
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        t = max_num_batched_tokens
-        # One block shared by every layer: slots of -1 write nothing, and every key is read from
-        # block 0, so the warm-up needs no real pool.
-        dtype = next(model.parameters()).dtype
-        cache = torch.zeros((1, block_size, info.num_kv_heads, info.head_dim), dtype=dtype, device=device)
-        caches = [(cache, cache)] * info.num_layers
-        ids = torch.randint(0, info.vocab_size, (t,), device=device)
-        positions = torch.arange(t, device=device) % info.max_model_len
-        meta = AttnMetadata(
-            slot_mapping=torch.full((t,), -1, dtype=torch.int64, device=device),
-            query_start_loc=torch.tensor([0, t], dtype=torch.int32, device=device),
-            context_lens=torch.tensor([t], dtype=torch.int32, device=device),
-            block_tables=torch.zeros((1, -(-t // block_size)), dtype=torch.int32, device=device),
-            max_query_len=t, max_context_len=t)
-        hidden = model(ids, positions, caches, meta)
-        logits = model.compute_logits(hidden[:min(max_num_seqs, t)])
-        # The sampler's temporaries on a full batch of logits: about two more copies of them.
-        work = torch.softmax(logits, dim=-1).cumsum(dim=-1)
-        del hidden, logits, work, caches, cache, ids, positions, meta
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(device)
-        budget = int(total * gpu_memory_utilization) - (total - free) - peak
-        if budget <= 0:
-            raise ValueError(
-                f"no GPU memory left for the KV cache: {total / 2**30:.1f} GiB card, "
-                f"{(total - free) / 2**30:.1f} GiB in use, a {t}-token step needs {peak / 2**30:.1f} GiB "
-                f"more, gpu_memory_utilization={gpu_memory_utilization}; raise gpu_memory_utilization "
-                "or lower max_num_batched_tokens")
-        return budget
 
     # -- the step ----------------------------------------------------------------------------
     def _next_buffers(self) -> _StepBuffers:

@@ -19,6 +19,7 @@ from tiny_models import TINY_ARCHS, tiny_config
 
 from engine import LLM, SamplingParams
 from engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from engine.kv_sizing import kv_bytes_per_block
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -204,7 +205,7 @@ def test_kv_pool_is_sized_from_free_gpu_memory_and_runs():
               max_num_seqs=256, max_num_batched_tokens=1024, max_model_len=8192)
     engine = llm.engine
     assert engine.dtype == torch.bfloat16  # dtype auto -> the config's bfloat16 on CUDA
-    kv_bytes = engine.num_blocks * engine.runner.kv_bytes_per_block(engine.info, engine.block_size, engine.dtype)
+    kv_bytes = engine.num_blocks * kv_bytes_per_block(engine.info, engine.block_size, engine.dtype)
     # 256 sequences of 8192 tokens would need about 48 GB, so the budget is what limits the pool:
     # 30% of the card less the weights, the context and a step's activations (well under 10%).
     assert 0.2 * total < kv_bytes <= 0.3 * total, (kv_bytes / 2**30, total / 2**30)

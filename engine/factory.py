@@ -1,0 +1,80 @@
+"""Building an engine's parts from its config: load the model and tokenizer, size the KV pool, and
+set up the cache manager, scheduler, runner and sampler for them. `Engine` takes the result and
+only runs steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig, ModelInfo
+from engine.kv_cache import KVCacheManager
+from engine.kv_sizing import num_kv_blocks
+from engine.loader import load_model, resolve_model
+from engine.runner import ModelRunner
+from engine.sampler import Sampler
+from engine.scheduler import Scheduler
+from engine.tokenizer import Tokenizer
+
+
+@dataclass
+class EngineParts:
+    """What an engine is made of: the loaded model with its facts, and the components sized for it."""
+
+    config: EngineConfig
+    device: torch.device
+    model: torch.nn.Module
+    info: ModelInfo
+    dtype: torch.dtype
+    tokenizer: Tokenizer | None  # None for dummy weights: prompts are token ids
+    eos_token_ids: list[int]
+    max_model_len: int
+    num_blocks: int
+    kv: KVCacheManager
+    scheduler: Scheduler
+    runner: ModelRunner
+    sampler: Sampler
+    overlap_steps: bool
+
+
+def build_engine_parts(config: EngineConfig) -> EngineParts:
+    """Loads `config.model` on `config.device` and builds every part the engine runs with."""
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    if config.load_format == "dummy" and not _is_model_dir(config.model):
+        model_src: Any = config.model
+    else:
+        model_src = resolve_model(config.model, config.cache_dir)
+    model, info = load_model(model_src, device=device, dtype=config.dtype, load_format=config.load_format)
+    dtype = next(model.parameters()).dtype
+    tokenizer = Tokenizer(model_src) if _has_tokenizer(model_src) else None
+    eos = list(info.eos_token_ids)
+    if tokenizer is not None:
+        eos = sorted(set(eos) | set(tokenizer.eos_token_ids))
+    max_model_len = min(config.max_model_len or info.max_model_len, info.max_model_len)
+    num_blocks = num_kv_blocks(config, model, info, device, dtype, max_model_len)
+    kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    runner = ModelRunner(model, info, num_blocks, config.block_size, device, dtype,
+                         max_num_seqs=config.max_num_seqs,
+                         max_num_batched_tokens=config.max_num_batched_tokens,
+                         max_model_len=max_model_len, enforce_eager=config.enforce_eager)
+    return EngineParts(
+        config=config, device=device, model=model, info=info, dtype=dtype, tokenizer=tokenizer,
+        eos_token_ids=eos, max_model_len=max_model_len, num_blocks=num_blocks, kv=kv,
+        scheduler=Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens),
+        runner=runner, sampler=Sampler(info.vocab_size, eos),
+        overlap_steps=device.type == "cuda" if config.overlap_steps is None else config.overlap_steps)
+
+
+def _is_model_dir(model: Any) -> bool:
+    return isinstance(model, (str, Path)) and Path(model).is_dir()
+
+
+def _has_tokenizer(model_src: Any) -> bool:
+    if not isinstance(model_src, (str, Path)):
+        return False
+    d = Path(model_src)
+    return d.is_dir() and any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
