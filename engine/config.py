@@ -10,7 +10,7 @@ from pathlib import Path
 class EngineConfig:
     """How the engine runs: the caller's choices, validated once, passed down as a plain object."""
 
-    model: str = "smollm2-135m-instruct"  # a model directory or a built-in name
+    model: str = "smollm2-135m-instruct"  # a model directory or the name of a model in the cache
     device: str = "cpu"
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     block_size: int = 16
@@ -21,7 +21,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     load_format: str = "auto"  # auto | safetensors | dummy
     seed: int = 0
-    cache_dir: Path | None = None  # where built-in models are converted to; None: ~/.cache/tokenmill/models
+    cache_dir: Path | None = None  # where models are found by name; None: ~/.cache/tokenmill/models
     kv_cache_memory_bytes: int | None = None  # CPU: KV pool size in bytes when num_kv_blocks is None
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # CUDA: never capture graphs

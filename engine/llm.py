@@ -17,7 +17,8 @@ Prompt = str | list[int]
 class LLM:
     """Loads a model once and generates for batches of prompts with continuous batching.
 
-    `model` is a model directory or a built-in name (default `smollm2-135m-instruct`).
+    `model` is a model directory or the name of a model in the cache (default
+    `smollm2-135m-instruct`, put there once by `tokenmill fetch`).
     Other keyword arguments are fields of `EngineConfig`.
     """
 

@@ -1,4 +1,4 @@
-"""Finding, configuring and loading a model: a directory or built-in name in, (model, ModelInfo) out.
+"""Finding, configuring and loading a model: a directory or a cached model's name in, (model, ModelInfo) out.
 
 Weights come from a Hugging Face directory of one or more *.safetensors files, streamed tensor by
 tensor into the already allocated model (so loading never holds two copies), or, with
@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from engine.builtin import BUILTIN_MODELS, builtin_model_dir
 from engine.config import ModelInfo
 from engine.models.llama import LlamaForCausalLM
 
@@ -28,7 +27,11 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 }
 _MODEL_TYPES = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 
-ModelSource = str | Path | dict | Any  # a directory, a built-in or preset name, a config dict or object
+ModelSource = str | Path | dict | Any  # a directory, a cached model's or preset name, a config dict or object
+
+# Where models are looked up by name when the caller gives no cache directory: one directory per
+# model, named for it (`tokenmill fetch NAME` puts the built-in model there).
+DEFAULT_CACHE_DIR = Path("~/.cache/tokenmill/models")
 
 
 class UnsupportedModelError(ValueError):
@@ -56,22 +59,29 @@ def architecture_of(hf_config: Any) -> str:
 
 
 def resolve_model(name_or_path: str | Path, cache_dir: Path | None = None) -> Path:
-    """The model directory for a directory path or a built-in model name.
+    """The model directory for a directory path or the name of a model in the cache.
 
-    A built-in name is converted into `cache_dir` on first use (see engine.builtin). Anything else
-    is a ValueError saying what is accepted.
+    A name is looked up as `<cache_dir>/<name>` (default cache `~/.cache/tokenmill/models`); the
+    engine never downloads or converts anything. A name that is not there is a ValueError naming
+    the command that fetches it (`tokenmill fetch NAME` for the built-in model).
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {str(path)!r} has no config.json")
         return path
-    if str(name_or_path) in BUILTIN_MODELS:
-        return builtin_model_dir(str(name_or_path), cache_dir)
-    raise ValueError(
-        f"model {str(name_or_path)!r} is neither a directory nor a built-in model; "
-        f"built-in models: {', '.join(BUILTIN_MODELS)}"
-    )
+    name = str(name_or_path)
+    root = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    if name and Path(name).name == name:  # a bare name, not a path
+        cached = root / name
+        if (cached / "config.json").is_file():
+            return cached
+        raise ValueError(
+            f"model {name!r} is neither a model directory nor in the model cache {str(root)!r}; "
+            f"fetch it into the cache with `tokenmill fetch {name}` (built-in models), or give a "
+            "Hugging Face model directory")
+    raise ValueError(f"no model directory at {str(path)!r}; give a Hugging Face model directory or the "
+                     "name of a model in the cache")
 
 
 def _config_from_dict(data: dict) -> Any:
@@ -260,7 +270,7 @@ def load_model(
 ) -> tuple[LlamaForCausalLM, ModelInfo]:
     """Builds the model and its ModelInfo.
 
-    `model` is a model directory, a built-in model name, a transformers config object or a config
+    `model` is a model directory, the name of a model in the cache, a transformers config object or a config
     dict; with `load_format="dummy"` it may also be a `dummy_config` preset name, and weights are
     random (seeded by `seed`) so no weight files are read. "auto" and "safetensors" read the
     directory's *.safetensors files, which needs a directory.

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.builtin import builtin_model_dir
 from tiny_models import TINY_ARCHS, make_tiny_model
+from tokenmill.builtin_model import fetch_builtin_model
 
 
 def models_cache_dir() -> Path:
@@ -20,8 +20,9 @@ def models_cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """The converted SmolLM2-135M-Instruct model directory (converted on first use)."""
-    return builtin_model_dir("smollm2-135m-instruct", models_cache_dir())
+    """The converted SmolLM2-135M-Instruct model directory (fetched and converted on first use, by
+    tokenmill: the engine itself only loads what is in the cache)."""
+    return fetch_builtin_model("smollm2-135m-instruct", models_cache_dir())
 
 
 @pytest.fixture(scope="session")

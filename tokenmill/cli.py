@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from tokenmill.cli_db import db_app
+from tokenmill.cli_fetch import fetch_command
 from tokenmill.cli_generate import generate_command
 from tokenmill.cli_worker import worker_command
 from tokenmill.cli_api import api_command
@@ -20,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.command("fetch")(fetch_command)
 app.command("generate")(generate_command)
 app.command("worker")(worker_command)
 app.command("api")(api_command)

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from tokenmill.builtin_model import cached_model_dir
 from tokenmill.settings import Settings
 
 
@@ -37,7 +38,9 @@ def _model_dir(settings: Settings, where: str) -> str | None:
     path = Path(where).expanduser()
     if path.is_dir():
         return str(path)
-    cached = settings.model_cache_dir / where  # a built-in model, once a worker has converted it
+    # A built-in model, once fetched into the cache (by `tokenmill fetch`, `up` or a worker). The API
+    # does not fetch it itself: converting needs torch, which an API process never imports.
+    cached = cached_model_dir(where, settings.model_cache_dir)
     return str(cached) if cached.is_dir() else None
 
 

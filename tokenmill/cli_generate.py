@@ -147,14 +147,17 @@ def generate_command(
     from rich.console import Console
 
     from engine import Engine, EngineConfig
+    from tokenmill.builtin_model import prepare_model
+    from tokenmill.settings import Settings
 
     console = Console(stderr=True)
     defaults: dict[str, Any] = {"max_tokens": max_tokens}
     if temperature is not None:
         defaults["temperature"] = temperature
     try:
-        engine = Engine(EngineConfig(model=model, device=device, dtype=dtype, max_num_seqs=max_num_seqs))
-    except (ValueError, FileNotFoundError) as e:
+        model_dir = prepare_model(model, Settings.from_env().model_cache_dir)
+        engine = Engine(EngineConfig(model=str(model_dir), device=device, dtype=dtype, max_num_seqs=max_num_seqs))
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
         console.print(f"[red]cannot load model {model!r}:[/red] {e}")
         raise typer.Exit(2)
     start = time.perf_counter()

@@ -58,14 +58,22 @@ def worker_command(
     if device.startswith("cuda") and device != "cuda":
         device = "cuda"  # the pinned GPU is always index 0 inside the process
 
+    from tokenmill.builtin_model import prepare_model
+
+    try:
+        model_dir = prepare_model(model, settings.model_cache_dir)  # after the pinning: converting imports torch
+    except (ValueError, RuntimeError) as e:
+        typer.echo(f"cannot load model {model!r}: {e}", err=True)
+        raise typer.Exit(2)
+
     from workers.main import WorkerOptions, run_worker
 
     run_worker(WorkerOptions(
-        model=model, served_model=served, device=device, dtype=dtype,
+        model=str(model_dir), served_model=served, device=device, dtype=dtype,
         database_url=settings.database_url, redis_url=settings.redis_url,
         concurrency=concurrency or settings.worker_concurrency,
         max_num_seqs=max_num_seqs or settings.max_num_seqs, max_attempts=settings.max_attempts,
-        visibility_timeout_s=settings.visibility_timeout_s, cache_dir=str(settings.model_cache_dir),
+        visibility_timeout_s=settings.visibility_timeout_s,
         loglevel=loglevel.upper(), hostname=hostname,
         num_kv_blocks=(settings.num_kv_blocks if num_kv_blocks is None else num_kv_blocks) or None,
         shutdown_grace_s=settings.shutdown_grace_s, fault_crash_marker=settings.fault_crash_marker))

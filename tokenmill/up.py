@@ -251,8 +251,8 @@ class Stack:
             raise StartupError(f"no model directory at {path}; give an existing directory or a built-in name "
                                "like smollm2-135m-instruct")
         self.say(f"model: preparing {model} (converted once into {self.settings.model_cache_dir})")
-        code = ("import sys\nfrom pathlib import Path\nfrom engine.builtin import builtin_model_dir\n"
-                "try:\n    print(builtin_model_dir(sys.argv[1], Path(sys.argv[2])))\n"
+        code = ("import sys\nfrom pathlib import Path\nfrom tokenmill.builtin_model import fetch_builtin_model\n"
+                "try:\n    print(fetch_builtin_model(sys.argv[1], Path(sys.argv[2])))\n"
                 "except (ValueError, RuntimeError) as e:\n    print(f'error: {e}', file=sys.stderr); sys.exit(3)\n")
         try:
             proc = subprocess.run([sys.executable, "-c", code, model, str(self.settings.model_cache_dir)],

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class WorkerOptions:
     """What `tokenmill worker` was asked to run."""
 
-    model: str
+    model: str  # a model directory (tokenmill fetches a built-in model before it starts the worker)
     served_model: str
     device: str
     dtype: str
@@ -29,7 +29,6 @@ class WorkerOptions:
     max_num_seqs: int
     max_attempts: int
     visibility_timeout_s: int
-    cache_dir: str | None = None
     loglevel: str = "INFO"
     hostname: str | None = None
     num_kv_blocks: int | None = None  # None: sized from memory
@@ -49,8 +48,6 @@ def device_label(device: str) -> str:
 
 def run_worker(opts: WorkerOptions) -> None:
     """Loads the engine, then runs the Celery worker until it is told to stop."""
-    from pathlib import Path
-
     from celery import signals
 
     from engine import Engine, EngineConfig
@@ -63,8 +60,7 @@ def run_worker(opts: WorkerOptions) -> None:
     hostname = opts.hostname or f"{opts.served_model}-{opts.device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"
     log.info("loading %s on %s", opts.model, opts.device)
     engine = Engine(EngineConfig(model=opts.model, device=opts.device, dtype=opts.dtype,
-                                 max_num_seqs=opts.max_num_seqs, num_kv_blocks=opts.num_kv_blocks,
-                                 cache_dir=Path(opts.cache_dir) if opts.cache_dir else None))
+                                 max_num_seqs=opts.max_num_seqs, num_kv_blocks=opts.num_kv_blocks))
     store = Store.open(opts.database_url)
     rt = WorkerRuntime(WorkerConfig(served_model=opts.served_model, hostname=hostname,
                                     device_label=device_label(opts.device), redis_url=opts.redis_url,

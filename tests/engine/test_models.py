@@ -204,8 +204,10 @@ def test_dummy_weights_are_seeded_and_accept_a_config_dict():
 
 
 def test_resolve_model_rejects_unknown_names(tmp_path):
-    with pytest.raises(ValueError, match="smollm2-135m-instruct"):
+    with pytest.raises(ValueError, match="`tokenmill fetch no-such-model`"):
         resolve_model("no-such-model", tmp_path)
+    with pytest.raises(ValueError, match="no model directory at"):
+        resolve_model(tmp_path / "missing" / "model", tmp_path)
     with pytest.raises(ValueError, match="no config.json"):
         resolve_model(tmp_path, tmp_path)
 

