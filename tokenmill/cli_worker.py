@@ -17,6 +17,11 @@ def worker_command(
     gpus: Optional[str] = typer.Option(None, "--gpus", help='"all": one worker process per visible GPU.'),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, or cuda (default: cuda if --gpu is given, else cpu)."),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
+    load_format: str = typer.Option(
+        "auto", "--load-format",
+        help="auto or safetensors: the model's weights; dummy: random weights of the model's shape, for "
+             "benchmarks (--model is then a directory with a config.json, or a shape preset: "
+             "smollm2-135m, qwen3-0.6b, llama-3.1-8b)."),
     concurrency: Optional[int] = typer.Option(None, help="Tasks held at once [default: TOKENMILL_WORKER_CONCURRENCY]."),
     max_num_seqs: Optional[int] = typer.Option(None, help="Sequences per engine batch [default: TOKENMILL_MAX_NUM_SEQS]."),
     num_kv_blocks: Optional[int] = typer.Option(None, help="KV cache blocks of 16 tokens; 0: sized from memory [default: TOKENMILL_NUM_KV_BLOCKS]."),
@@ -40,7 +45,7 @@ def worker_command(
             typer.echo("no GPU is visible (nvidia-smi finds none); run with --device cpu", err=True)
             raise typer.Exit(2)
         base = [sys.executable, "-m", "tokenmill.cli", "worker", "--model", model, "--served-name", served,
-                "--dtype", dtype, "--loglevel", loglevel]
+                "--dtype", dtype, "--load-format", load_format, "--loglevel", loglevel]
         for flag, value in (("--concurrency", concurrency), ("--max-num-seqs", max_num_seqs),
                             ("--num-kv-blocks", num_kv_blocks)):
             if value is not None:
@@ -61,7 +66,10 @@ def worker_command(
     from tokenmill.builtin_model import prepare_model
 
     try:
-        model_dir = prepare_model(model, settings.model_cache_dir)  # after the pinning: converting imports torch
+        if load_format == "dummy" and not os.path.isdir(os.path.expanduser(model)):
+            model_dir = _dummy_shape(model)  # random weights of a preset shape: nothing to fetch
+        else:
+            model_dir = prepare_model(model, settings.model_cache_dir)  # after the pinning: converting imports torch
     except (ValueError, RuntimeError) as e:
         typer.echo(f"cannot load model {model!r}: {e}", err=True)
         raise typer.Exit(2)
@@ -69,7 +77,7 @@ def worker_command(
     from workers.main import WorkerOptions, run_worker
 
     run_worker(WorkerOptions(
-        model=str(model_dir), served_model=served, device=device, dtype=dtype,
+        model=str(model_dir), served_model=served, device=device, dtype=dtype, load_format=load_format,
         database_url=settings.database_url, redis_url=settings.redis_url,
         concurrency=concurrency or settings.worker_concurrency,
         max_num_seqs=max_num_seqs or settings.max_num_seqs, max_attempts=settings.max_attempts,
@@ -77,3 +85,13 @@ def worker_command(
         loglevel=loglevel.upper(), hostname=hostname,
         num_kv_blocks=(settings.num_kv_blocks if num_kv_blocks is None else num_kv_blocks) or None,
         shutdown_grace_s=settings.shutdown_grace_s, fault_crash_marker=settings.fault_crash_marker))
+
+
+def _dummy_shape(name: str) -> str:
+    """A shape preset's name, checked (engine.loader.DUMMY_SHAPES) before the worker starts."""
+    from engine.loader import DUMMY_SHAPES
+
+    if name not in DUMMY_SHAPES:
+        raise ValueError(f"with --load-format dummy, --model is a directory with a config.json or a shape preset "
+                         f"({', '.join(DUMMY_SHAPES)})")
+    return name

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from workers.faults import InjectedFault, has_marker
+from workers.path_timings import PathTimings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class _Add:
     priority: int
     future: Future
     on_delta: OnDelta | None
+    submitted_at: float = 0.0  # time.monotonic() at submit (workers.path_timings: inbox)
 
 
 @dataclass
@@ -58,8 +60,10 @@ class EngineLoop:
 
     def __init__(self, engine: Any, *, on_stats: Callable[[Any, float], None] | None = None,
                  on_crash: Callable[[BaseException, list[str]], None] | None = None,
-                 stats_interval_s: float = 1.0, fault_marker: str = "") -> None:
+                 stats_interval_s: float = 1.0, fault_marker: str = "",
+                 timings: PathTimings | None = None) -> None:
         self.engine = engine
+        self.timings = timings or PathTimings()
         self._inbox: queue.SimpleQueue[_Add | _Abort | _GiveBack | None] = queue.SimpleQueue()
         self._pending: dict[str, tuple[Future, OnDelta | None]] = {}
         self._on_stats = on_stats
@@ -100,7 +104,7 @@ class EngineLoop:
         if self.crashed is not None:
             fut.set_exception(EngineCrashed(f"the engine crashed earlier: {self.crashed!r}"))
             return fut
-        self._inbox.put(_Add(request_id, prompt, messages, params, priority, fut, on_delta))
+        self._inbox.put(_Add(request_id, prompt, messages, params, priority, fut, on_delta, time.monotonic()))
         return fut
 
     def abort(self, request_id: str) -> None:
@@ -109,16 +113,28 @@ class EngineLoop:
 
     # -- the loop ----------------------------------------------------------------------------
     def _take_inbox(self, block: bool) -> None:
+        timings = self.timings
         try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            if block:  # nothing to run: the GPU idles until something arrives
+                start = time.monotonic()
+                try:
+                    item = self._inbox.get(timeout=0.5)
+                finally:
+                    timings.add("loop_idle", time.monotonic() - start)
+            else:
+                item = self._inbox.get_nowait()
         except queue.Empty:
             return
+        start = time.monotonic()
+        count = 0
         while True:
             self._apply(item)
+            count += 1
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
+        timings.add("loop_inbox", time.monotonic() - start, count)
 
     def _apply(self, item: _Add | _Abort | _GiveBack | None) -> None:
         if item is None:
@@ -139,6 +155,7 @@ class EngineLoop:
             item.future.set_exception(e)
             return
         self._pending[item.request_id] = (item.future, item.on_delta)
+        self.timings.add("inbox", time.monotonic() - item.submitted_at)
         if has_marker(item.prompt, item.messages, self._fault_marker):
             self._faulty.add(item.request_id)
 
@@ -164,7 +181,9 @@ class EngineLoop:
             while not self._stopping:
                 self._take_inbox(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
+                    start = time.monotonic()
                     outs = self.engine.step()
+                    self.timings.add("loop_step", time.monotonic() - start)
                     if self._faulty:
                         raise InjectedFault(f"injected crash: prompt of {sorted(self._faulty)} has the marker")
                     for out in outs:

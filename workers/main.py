@@ -11,6 +11,10 @@ import os
 import signal
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +23,8 @@ log = logging.getLogger(__name__)
 class WorkerOptions:
     """What `tokenmill worker` was asked to run."""
 
-    model: str  # a model directory (tokenmill fetches a built-in model before it starts the worker)
+    model: str  # a model directory (tokenmill fetches a built-in model before it starts the worker),
+    # or with load_format "dummy" a shape preset of engine.loader.DUMMY_SHAPES
     served_model: str
     device: str
     dtype: str
@@ -32,6 +37,7 @@ class WorkerOptions:
     loglevel: str = "INFO"
     hostname: str | None = None
     num_kv_blocks: int | None = None  # None: sized from memory
+    load_format: str = "auto"  # "dummy": random weights of the model's shape (engine.loader)
     shutdown_grace_s: float = 90.0  # after SIGTERM: finish held jobs for this long, then hand the rest back
     fault_crash_marker: str = ""  # test only (see tokenmill.settings)
 
@@ -46,11 +52,19 @@ def device_label(device: str) -> str:
     return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
+def engine_config(opts: WorkerOptions) -> "EngineConfig":
+    """The engine a worker with these options runs (benchmarks build the same one alone)."""
+    from engine import EngineConfig
+
+    return EngineConfig(model=opts.model, device=opts.device, dtype=opts.dtype, load_format=opts.load_format,
+                        max_num_seqs=opts.max_num_seqs, num_kv_blocks=opts.num_kv_blocks)
+
+
 def run_worker(opts: WorkerOptions) -> None:
     """Loads the engine, then runs the Celery worker until it is told to stop."""
     from celery import signals
 
-    from engine import Engine, EngineConfig
+    from engine import Engine
     from store.facade import Store
     from workers.app import QueueConfig, declare_queues, make_celery, queue_for
     from workers.engine_events import install_engine_figures
@@ -59,8 +73,9 @@ def run_worker(opts: WorkerOptions) -> None:
 
     hostname = opts.hostname or f"{opts.served_model}-{opts.device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"
     log.info("loading %s on %s", opts.model, opts.device)
-    engine = Engine(EngineConfig(model=opts.model, device=opts.device, dtype=opts.dtype,
-                                 max_num_seqs=opts.max_num_seqs, num_kv_blocks=opts.num_kv_blocks))
+    if opts.load_format == "dummy":
+        log.warning("%s runs with random weights (--load-format dummy): its outputs are noise", opts.model)
+    engine = Engine(engine_config(opts))
     store = Store.open(opts.database_url)
     rt = WorkerRuntime(WorkerConfig(served_model=opts.served_model, hostname=hostname,
                                     device_label=device_label(opts.device), redis_url=opts.redis_url,

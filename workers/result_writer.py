@@ -16,6 +16,8 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+from workers.path_timings import PathTimings
+
 log = logging.getLogger(__name__)
 
 
@@ -23,12 +25,14 @@ class ResultWriter:
     """A background thread that records `store.types.FinishedJob`s in batches."""
 
     def __init__(self, store: Any, *, max_batch: int = 512, max_wait_s: float = 0.05,
-                 max_backoff_s: float = 5.0) -> None:
+                 max_backoff_s: float = 5.0, timings: PathTimings | None = None) -> None:
         self.store = store
+        self.timings = timings or PathTimings()
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_backoff_s = max_backoff_s
-        self._inbox: queue.SimpleQueue[tuple[Any, Future] | None] = queue.SimpleQueue()
+        # (finished job, its future, time.monotonic() at submit)
+        self._inbox: queue.SimpleQueue[tuple[Any, Future, float] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
         self._stopping = False
         self.batches_written = 0
@@ -48,10 +52,10 @@ class ResultWriter:
         """Queues one finished job; the future resolves to True once it is stored (False when the
         job already had a result: a redelivered task)."""
         fut: Future = Future()
-        self._inbox.put((finished, fut))
+        self._inbox.put((finished, fut, time.monotonic()))
         return fut
 
-    def _gather(self) -> list[tuple[Any, Future]]:
+    def _gather(self) -> list[tuple[Any, Future, float]]:
         try:
             first = self._inbox.get(timeout=0.5)
         except queue.Empty:
@@ -77,11 +81,15 @@ class ResultWriter:
                 continue
             self._write(items)
 
-    def _write(self, items: list[tuple[Any, Future]]) -> None:
+    def _write(self, items: list[tuple[Any, Future, float]]) -> None:
         backoff = 0.1
         while True:
             try:
-                outcome = self.store.jobs.record_results([f for f, _ in items])
+                start = time.monotonic()
+                outcome = self.store.jobs.record_results([f for f, _, _ in items])
+                done = time.monotonic()
+                self.timings.add("write_txn", done - start)
+                self.timings.add("write", sum(done - t for _, _, t in items), len(items))
                 break
             except Exception as e:  # noqa: BLE001 - sorted below
                 if not _transient(e):
@@ -95,17 +103,17 @@ class ResultWriter:
         recorded = set(outcome.recorded)
         self.batches_written += 1
         self.jobs_written += len(recorded)
-        for finished, fut in items:
+        for finished, fut, _ in items:
             if not fut.done():
                 fut.set_result(finished.job_id in recorded)
 
-    def _isolate(self, items: list[tuple[Any, Future]], error: Exception) -> None:
+    def _isolate(self, items: list[tuple[Any, Future, float]], error: Exception) -> None:
         if len(items) > 1:
             half = len(items) // 2
             self._write(items[:half])
             self._write(items[half:])
             return
-        finished, fut = items[0]
+        finished, fut, _ = items[0]
         log.error("the store refused the result of %s: %r", finished.job_id, error)
         fut.set_exception(ResultRejected(f"the store refused this job's result: {error}"))
 

@@ -18,6 +18,7 @@ import redis
 
 from workers.app import CANCEL_CHANNEL, STREAM_CHANNEL, WORKER_STATS_KEY, WORKER_STATS_TTL_S
 from workers.engine_loop import EngineLoop, GivenBack
+from workers.path_timings import PathTimings
 from workers.result_writer import ResultWriter
 from workers.suspects import SuspectLedger
 
@@ -60,9 +61,10 @@ class WorkerRuntime:
         self.config = config
         self.store = store
         self.redis = redis.Redis.from_url(config.redis_url)
+        self.timings = PathTimings()  # where the job path's time goes, published with the stats
         self.loop = EngineLoop(engine, on_stats=self._publish_stats, on_crash=self._die,
-                               fault_marker=config.fault_crash_marker)
-        self.writer = ResultWriter(store)
+                               fault_marker=config.fault_crash_marker, timings=self.timings)
+        self.writer = ResultWriter(store, timings=self.timings)
         # Its own client, with timeouts: it also speaks on the way out of a crashed process.
         self.suspects = SuspectLedger(redis.Redis.from_url(config.redis_url, socket_timeout=5,
                                                            socket_connect_timeout=5))
@@ -172,7 +174,7 @@ class WorkerRuntime:
         key = WORKER_STATS_KEY.format(hostname=self.config.hostname)
         fields = {**asdict(stats), "tokens_per_s": round(tokens_per_s, 1),
                   "model": self.config.served_model, "device": self.config.device_label,
-                  "pending": self.loop.num_pending, "updated_at": time.time()}
+                  "pending": self.loop.num_pending, **self.timings.snapshot(), "updated_at": time.time()}
         self.last_figures = fields
         try:
             pipe = self.redis.pipeline()

@@ -25,6 +25,7 @@ from engine import SamplingParams
 from store.types import FinishedJob, JobClaim, JobFailure
 from workers.app import STREAM_CHANNEL, TASK_GENERATE, TASK_GENERATE_BULK
 from workers.engine_loop import EngineCrashed, GivenBack
+from workers.path_timings import timed_request_class
 from workers.result_writer import ResultRejected
 from workers.runtime import Holding, WorkerRuntime
 from workers.suspects import ALONE, CLEAR, EXHAUSTED, exhausted_message, verdict
@@ -36,12 +37,13 @@ BULK_PRIORITY_OFFSET = 1000  # bulk jobs queue behind every interactive job insi
 
 def register_tasks(app: Celery, rt: WorkerRuntime) -> None:
     """Binds the generate tasks to this process's runtime."""
+    timed = timed_request_class(rt.timings)  # the acknowledgement's time (workers.path_timings)
 
-    @app.task(name=TASK_GENERATE, bind=True, acks_late=True)
+    @app.task(name=TASK_GENERATE, bind=True, acks_late=True, Request=timed)
     def generate(self: Any, job_id: str, enqueued_at: float) -> dict[str, int]:
         return run_jobs(rt, [job_id], enqueued_at)
 
-    @app.task(name=TASK_GENERATE_BULK, bind=True, acks_late=True)
+    @app.task(name=TASK_GENERATE_BULK, bind=True, acks_late=True, Request=timed)
     def generate_bulk(self: Any, job_ids: list[str], enqueued_at: float) -> dict[str, int]:
         return run_jobs(rt, list(job_ids), enqueued_at)
 
@@ -49,6 +51,8 @@ def register_tasks(app: Celery, rt: WorkerRuntime) -> None:
 def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[str, int]:
     """Runs the given jobs to a final state in the store. Returns counts by outcome; raises
     `Reject(requeue=True)` when some jobs went back to the queue unfinished (the worker stops)."""
+    started = time.monotonic()
+    rt.timings.add("delivery", max(0.0, time.time() - enqueued_at))
     if rt.stopping:  # received as the worker was told to stop: another worker will run it
         raise Reject("the worker is stopping: the task goes back to the queue", requeue=True)
     run = _TaskRun(rt, rt.hold(job_ids), enqueued_at)
@@ -56,6 +60,7 @@ def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[
         run.run()
     finally:
         rt.release(run.holding)
+        rt.timings.add("task", time.monotonic() - started)
     requeue = bool(run.holding.given_back)
     for held in run.holding.others:  # a copy of a task this process runs: the original finishes it
         held.done.wait()
@@ -92,7 +97,9 @@ class _TaskRun:
         rt, mine = self.rt, self.holding.mine
         if not mine:
             return
+        start = time.monotonic()
         claims = _claim(rt, mine)
+        rt.timings.add("claim", time.monotonic() - start)
         self.counts["skipped"] = len(mine) - len(claims)  # cancelled, finished, expired or unknown
         evidence = rt.suspects.lookup([c.id for c in claims if c.attempts > 1])
         batch: list[_Job] = []
@@ -171,7 +178,10 @@ class _TaskRun:
         if expired:
             self.counts["expired"] += 1
         ttft = (out.first_token_time - out.arrival_time) * 1000.0 if out.first_token_time else 0.0
-        total = ((out.finish_time or time.monotonic()) - out.arrival_time) * 1000.0
+        now = time.monotonic()
+        total = ((out.finish_time or now) - out.arrival_time) * 1000.0
+        rt.timings.add("engine", total / 1000.0)
+        rt.timings.add("handoff", max(0.0, now - (out.finish_time or now)))
         params = claim.request.get("params") or {}
         finished = FinishedJob(
             job_id=claim.id, output_text=out.text, finish_reason=out.finish_reason or "stop",
