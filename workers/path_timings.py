@@ -13,7 +13,9 @@ Stages of one job, in order (``n`` counts what the comment names):
 - ``inbox``: from the task handing its request to the engine loop to the engine having added it
   (the loop takes its inbox between steps); one per job;
 - ``engine``: from the engine adding the request to its last token; one per job;
-- ``handoff``: from the last token to the task thread holding the output; one per job;
+- ``handoff``: from the last token to the task thread holding the output (a bulk task takes its
+  jobs' outputs in the order it submitted them, so an early finisher waits for those before it);
+  one per job;
 - ``write``: from the task handing the result to the writer to the result being stored (the
   writer's batching wait and its transaction); one per job; ``write_txn``: one per transaction;
 - ``ack``: the task's acknowledgement to the broker; one per task;
