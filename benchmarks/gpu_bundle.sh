@@ -44,7 +44,7 @@ download "$tmp" "$PGSERVER"
     && (cd y && tar cJf "$DEST/pg16.tar.xz" pgserver pgserver.libs))
 
 if [ ! -f "$MODEL_DIR/tokenizer.json" ]; then
-    echo "no SmolLM2 tokenizer in $MODEL_DIR: run 'tokenmill generate' once (it converts the built-in model)" >&2
+    echo "no SmolLM2 tokenizer in $MODEL_DIR: run 'tokenmill fetch' once (it converts the built-in model)" >&2
     exit 1
 fi
 mkdir -p "$DEST/smollm2-135m"

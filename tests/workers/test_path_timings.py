@@ -89,12 +89,15 @@ def test_dummy_weight_worker_runs_jobs_and_publishes_where_its_time_went(
     deadline = time.monotonic() + 20
     while True:
         figures = {k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()}
-        if float(figures.get("path.ack.n", 0)) >= tasks or time.monotonic() > deadline:
+        if float(figures.get("path.ack.n", 0)) >= float(figures.get("path.delivery.n", 0)) >= tasks \
+                or time.monotonic() > deadline:
             break
         time.sleep(0.25)
     d = stage_deltas({}, figures)
-    for stage in ("delivery", "claim", "ack", "task"):
-        assert d[stage]["n"] == tasks, (stage, d[stage])
+    # The fixture's worker redelivers a task held longer than 5 s (its visibility timeout), and a
+    # copy is delivered, run (it waits for the original) and acknowledged, but claims nothing.
+    assert d["claim"]["n"] == tasks
+    assert d["delivery"]["n"] == d["task"]["n"] == d["ack"]["n"] >= tasks
     for stage in ("inbox", "engine", "handoff", "write"):
         assert d[stage]["n"] == jobs, (stage, d[stage])
     assert 1 <= d["write_txn"]["n"] <= jobs
