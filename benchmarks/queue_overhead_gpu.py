@@ -618,7 +618,7 @@ STAGE_ROWS = [  # (stage, what it is, per what)
     ("task", "task in its worker thread", "task"),
     ("loop_step", "engine loop: inside Engine.step", "step"),
     ("loop_inbox", "engine loop: taking its inbox", "item"),
-    ("loop_idle", "engine loop: waiting, nothing to run", "wait"),
+    ("loop_idle", "engine loop: idle (incl. ~3 s around the run)", "wait"),
 ]
 
 
