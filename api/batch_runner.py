@@ -12,20 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
-from pydantic import ValidationError
-
+from api.batch_ingest import ingest_batch
+from api.batch_lines import request_preparer
 from api.config import ApiConfig
-from api.convert import prepare_chat, prepare_completion
-from api.errors import ApiError, _validation_message
 from api.formats import answer_for
 from api.queue import Dispatcher, QueueUnavailable
 from api.registry import ModelRegistry
-from api.schemas.openai import ChatCompletionRequest, CompletionRequest
 from store import Store
 from store.errors import InvalidTransition, NotFound
 from store.models import Batch
@@ -37,10 +34,6 @@ INGEST_LOCK_S = 900
 FINALIZE_LOCK_S = 900
 STALE_VALIDATING = timedelta(seconds=30)  # a validating batch nobody ingests after this is picked up
 SEND_PAGE = 4096
-
-
-def _problem(exc: ValidationError) -> str:
-    return _validation_message(list(exc.errors()))[1]  # type: ignore[arg-type]
 
 
 class BatchRunner:
@@ -72,34 +65,6 @@ class BatchRunner:
         """Ingests and enqueues the batch in the background."""
         return self._pool.submit(self.ingest, tenant_id, batch_id)
 
-    def preparer(self, endpoint: str) -> tuple[Callable[[dict[str, Any]], dict[str, Any] | str], list[str]]:
-        """The per-line check of a batch input: the body is validated as the endpoint's request
-        and turned into a job payload; every line must name the same served model. Returns the
-        hook and a list that receives the batch's model."""
-        model_seen: list[str] = []
-        chat = endpoint == "/v1/chat/completions"
-
-        def prepare(body: dict[str, Any]) -> dict[str, Any] | str:
-            try:
-                if body.get("stream"):
-                    return "stream: batch requests cannot stream"
-                if chat:
-                    prepared = prepare_chat(ChatCompletionRequest.model_validate(body), self._registry,
-                                            default_max_tokens=self._config.default_max_tokens, stream=False)
-                else:
-                    prepared = prepare_completion(CompletionRequest.model_validate(body), self._registry, stream=False)
-            except ValidationError as exc:
-                return _problem(exc)
-            except ApiError as exc:
-                return f"{exc.param}: {exc.message}" if exc.param else exc.message
-            if not model_seen:
-                model_seen.append(prepared.model)
-            elif prepared.model != model_seen[0]:
-                return f"model: every request of a batch must use the same model ({model_seen[0]!r})"
-            return prepared.payload
-
-        return prepare, model_seen
-
     def ingest(self, tenant_id: str, batch_id: str) -> None:
         """Turns the input file into jobs (or fails the batch with per-line errors), then enqueues."""
         lock = f"batch-ingest:{batch_id}"
@@ -109,18 +74,19 @@ class BatchRunner:
             batch = self._store.batches.get(tenant_id, batch_id)
             if batch is None or batch.status != "validating":
                 return
-            prepare, model = self.preparer(batch.endpoint)
+            prepare = request_preparer(batch.endpoint, self._registry,
+                                       default_max_tokens=self._config.default_max_tokens)
             try:
-                report = self._store.batches.ingest(tenant_id, batch_id, prepare=prepare,
-                                                    max_lines=self._config.batch_max_lines)
+                report = ingest_batch(self._store, tenant_id, batch_id, prepare=prepare,
+                                      max_lines=self._config.batch_max_lines)
             except (InvalidTransition, NotFound) as exc:
                 log.info("batch %s not ingested: %s", batch_id, exc)
                 return
             if report.stopped:
                 log.info("batch %s left validating while it was ingested (%s): nothing is sent", batch_id,
                          report.stopped)
-            elif report.ok and model:
-                self.enqueue(tenant_id, batch_id, model[0])
+            elif report.ok and report.model:
+                self.enqueue(tenant_id, batch_id, report.model)
         except Exception:
             log.exception("ingesting batch %s failed", batch_id)
         finally:

@@ -12,7 +12,6 @@ from store.facade import Store
 from store.types import (
     BatchCounts,
     FinishedJob,
-    IngestReport,
     JobFailure,
     JobPage,
     JobSpec,
@@ -24,7 +23,6 @@ __all__ = [
     "BatchCounts",
     "Conflict",
     "FinishedJob",
-    "IngestReport",
     "InvalidTransition",
     "JobFailure",
     "JobPage",

@@ -1,4 +1,7 @@
-"""Batches (OpenAI Batches API): lifecycle, ingestion of the input file into bulk jobs, counts.
+"""Batches (OpenAI Batches API): lifecycle, the jobs of an ingestion, counts.
+
+The store takes a batch's jobs already checked (the batch-line rules live with the API, in
+api/batch_lines.py); here ingestion is three steps: start, add groups of jobs, finish.
 
 Lifecycle::
 
@@ -13,10 +16,9 @@ they are written into the batch row.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -27,8 +29,8 @@ from store.errors import InvalidTransition, NotFound
 from store.files import FileStore
 from store.jobs import insert_jobs
 from store.models import Batch, Job, Result, Usage
-from store.sql import chunked, new_id, paged_ids, utcnow
-from store.types import BatchCounts, IngestReport, JobSpec
+from store.sql import new_id, paged_ids, utcnow
+from store.types import BatchCounts, JobSpec
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 FINAL = ("completed", "failed", "expired", "cancelled")
@@ -38,31 +40,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "finalizing": ("completed", "failed", "expired", "cancelling"),
     "cancelling": ("cancelled",),
 }
-MAX_ERRORS = 50
 _WINDOW = re.compile(r"^([1-9][0-9]{0,3})h$")
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # how an unpaired surrogate gets into a line
-
-
-def _no_constant(name: str) -> float:
-    """json.loads hook: NaN and Infinity are no JSON (and no database takes them in a JSON value)."""
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _storable(text: str, *, nul_ok: bool = False) -> bool:
-    """Whether a text column takes ``text``: UTF-8 (no unpaired surrogate) and, unless ``nul_ok``,
-    no NUL (PostgreSQL refuses it in text)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return nul_ok or "\x00" not in text
-
-
-# A hook that checks one request body; returns an error message, or None when the body is fine.
-BodyValidator = Callable[[dict[str, Any]], "str | None"]
-# A hook that checks one request body and turns it into the job's stored request: returns the
-# request (a dict), or an error message (a str).
-BodyPreparer = Callable[[dict[str, Any]], "dict[str, Any] | str"]
 
 
 def _window(completion_window: str) -> timedelta:
@@ -72,25 +50,22 @@ def _window(completion_window: str) -> timedelta:
     return timedelta(hours=int(m.group(1)))
 
 
-class _LeftValidating(Exception):
-    """The batch being ingested is no longer ``validating`` (cancelled, or gone)."""
-
-    def __init__(self, status: str | None) -> None:
-        super().__init__(status)
-        self.status = status or "deleted"
+def _locked_status(s: Session, tenant_id: str, batch_id: str) -> str | None:
+    """The tenant's batch's status, its row locked until the transaction ends (None: no such batch)."""
+    return s.scalar(select(Batch.status).where(Batch.id == batch_id, Batch.tenant_id == tenant_id).with_for_update())
 
 
-def _locked_status(s: Session, batch_id: str) -> str | None:
-    """The batch's status, its row locked until the transaction ends (None: no such batch)."""
-    return s.scalar(select(Batch.status).where(Batch.id == batch_id).with_for_update())
-
-
-def _cancel_queued(s: Session, batch_id: str, status: str | None, now: datetime) -> None:
-    """A batch cancelled while it was being ingested keeps no queued job (its cancel may have run
-    before the last jobs were inserted)."""
+def _left_validating(s: Session, tenant_id: str, batch_id: str) -> str | None:
+    """None while the batch is ``validating`` (its row now locked until the transaction ends);
+    otherwise the status it moved to ("deleted" if gone). A batch cancelled while it was being
+    ingested keeps no queued job: its cancel may have run before the last jobs were inserted."""
+    status = _locked_status(s, tenant_id, batch_id)
+    if status == "validating":
+        return None
     if status in ("cancelling", "cancelled"):
         s.execute(update(Job).where(Job.batch_id == batch_id, Job.status == "queued")
-                  .values(status="cancelled", finished_at=now))
+                  .values(status="cancelled", finished_at=utcnow()))
+    return status or "deleted"
 
 
 def _counts(s: Session, batch: Batch) -> BatchCounts:
@@ -250,106 +225,71 @@ class BatchStore:
             )
 
     # -- ingestion ----------------------------------------------------------------------------
+    # The API reads the input file and checks its lines (api/batch_ingest.py); the store takes the
+    # good lines' jobs in three plain steps: start, add groups of jobs, finish. Every write locks
+    # the batch row and checks that it is still validating: a cancel (which takes the same lock,
+    # then cancels the batch's queued jobs) either comes first and stops the ingestion, or comes
+    # after and cancels what was inserted. No job of a batch cancelled while validating is ever
+    # left queued, so none is ever sent.
 
-    def ingest(
-        self,
-        tenant_id: str,
-        batch_id: str,
-        *,
-        validate: BodyValidator | None = None,
-        prepare: BodyPreparer | None = None,
-        jobs_per_insert: int = 500,
-        max_lines: int = 50_000,
-        priority: int = 0,
-    ) -> IngestReport:
-        """Turns a ``validating`` batch's input file into bulk jobs, streaming it line by line.
-
-        Each line must be a JSON object ``{"custom_id", "method": "POST", "url": <the batch's
-        endpoint>, "body": {"model", ...}}`` with a custom_id unique in the file; ``validate`` may
-        check each body further. Memory stays bounded by ``jobs_per_insert`` lines. If every line is
-        good the batch moves to ``in_progress`` with its total set; otherwise no job is kept, the
-        batch moves to ``failed`` and the report (and the batch's ``errors``) say which lines were wrong.
-        ``prepare``, when given, checks each body too and returns the request the job stores
-        instead of the body itself (or an error message).
-        """
+    def start_ingest(self, tenant_id: str, batch_id: str) -> Batch:
+        """Readies a ``validating`` batch for ingestion and returns it; jobs left by an ingestion
+        that died half-way are deleted (it starts over). Raises NotFound (no such batch, or its
+        input file was deleted) or InvalidTransition (the batch is not ``validating``)."""
         batch = self.get(tenant_id, batch_id)
         if batch is None:
             raise NotFound(f"no batch {batch_id!r} for this tenant")
         if batch.status != "validating":
             raise InvalidTransition(f"batch {batch_id} is {batch.status}; only a validating batch can be ingested")
-        input_file_id = batch.input_file_id
-        if input_file_id is None:
+        if batch.input_file_id is None:
             raise NotFound(f"the input file of batch {batch_id} was deleted")
-        # Jobs left by an ingestion that died half-way (the batch is still validating) start over.
-        def start_over(s: Session) -> None:
-            status = _locked_status(s, batch_id)
-            if status != "validating":
-                raise InvalidTransition(f"batch {batch_id} is {status}; only a validating batch can be ingested")
-            s.execute(delete(Job).where(Job.batch_id == batch_id, Job.tenant_id == tenant_id))
+        self._db.transact(lambda s: self._start_over(s, tenant_id, batch_id))
+        return batch
 
-        self._db.transact(start_over)
-        errors: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        total = 0
+    def add_jobs(self, tenant_id: str, batch_id: str, specs: Sequence[JobSpec]) -> str | None:
+        """Inserts one group of the batch's jobs (each spec's ``batch_id`` is this batch) while it
+        is ``validating``, and returns None. A batch that left ``validating`` meanwhile gets
+        nothing inserted, its queued jobs cancelled, and its status returned ("deleted" if gone)."""
+        if any(spec.batch_id != batch_id for spec in specs):
+            raise ValueError(f"every job added to batch {batch_id} must name it as its batch_id")
 
-        def error(line: int | None, code: str, message: str) -> None:
-            if len(errors) < MAX_ERRORS:
-                errors.append({"code": code, "message": message, "line": line})
+        def work(s: Session) -> str | None:
+            left = _left_validating(s, tenant_id, batch_id)
+            if left is None:
+                insert_jobs(s, tenant_id, specs)
+            return left
 
-        def specs() -> Iterator[JobSpec]:
-            nonlocal total
-            try:
-                for number, raw in self._files.open_lines(tenant_id, input_file_id):
-                    if not raw.strip():
-                        continue
-                    total += 1
-                    if total > max_lines:
-                        error(number, "too_many_requests", f"a batch holds at most {max_lines} requests")
-                        return
-                    spec = self._parse_line(batch, number, raw, seen, validate, error, priority, prepare)
-                    if spec is not None and not errors:
-                        yield spec
-            except ValueError as exc:  # a line over the size limit
-                error(None, "invalid_file", str(exc))
+        return self._db.transact(work)
 
-        # Every write below locks the batch row and checks that it is still validating: a cancel
-        # (which takes the same lock, then cancels the batch's queued jobs) either comes first and
-        # stops the ingestion, or comes after and cancels what was inserted. No job of a batch
-        # cancelled while validating is ever left queued, so none is ever sent.
-        stopped: str | None = None
+    def finish_ingest(self, tenant_id: str, batch_id: str, *, total: int, errors: list[dict[str, Any]]) -> str | None:
+        """Ends the ingestion and returns None: with no ``errors`` the batch moves to
+        ``in_progress`` holding ``total`` requests; with errors its jobs are deleted and it moves to
+        ``failed``, ``errors`` stored as its ``errors`` (OpenAI's ``{"code", "message", "line"}``
+        entries). A batch that left ``validating`` meanwhile keeps no queued job and its status is
+        returned ("deleted" if gone)."""
 
-        def insert_group(s: Session, group: list[JobSpec]) -> None:
-            status = _locked_status(s, batch_id)
-            if status != "validating":
-                raise _LeftValidating(status)
-            insert_jobs(s, tenant_id, group)
-
-        try:
-            for group in chunked(specs(), jobs_per_insert):
-                self._db.transact(lambda s, group=group: insert_group(s, group))
-        except _LeftValidating as exc:
-            stopped = exc.status
-        if total == 0 and not errors and stopped is None:
-            error(None, "empty_file", "the input file holds no requests")
-        now = utcnow()
-
-        def finish(s: Session) -> str | None:
-            status = _locked_status(s, batch_id)
-            if status != "validating":
-                _cancel_queued(s, batch_id, status, now)
-                return status or "deleted"
+        def work(s: Session) -> str | None:
+            left = _left_validating(s, tenant_id, batch_id)
+            if left is not None:
+                return left
+            now = utcnow()
             if errors:
-                self._fail_ingest(s, batch_id, errors, now)
+                s.execute(delete(Job).where(Job.batch_id == batch_id, Job.tenant_id == tenant_id))
+                s.execute(update(Batch).where(Batch.id == batch_id)
+                          .values(status="failed", errors=errors, failed_at=now, total=0))
             else:
-                s.execute(update(Batch).where(Batch.id == batch_id).values(status="in_progress", total=total,
-                                                                          in_progress_at=now))
+                s.execute(update(Batch).where(Batch.id == batch_id)
+                          .values(status="in_progress", total=total, in_progress_at=now))
             return None
 
-        if stopped is None:
-            stopped = self._db.transact(finish)
-        else:
-            self._db.transact(lambda s: _cancel_queued(s, batch_id, _locked_status(s, batch_id), now))
-        return IngestReport(batch_id, 0 if errors or stopped else total, errors, stopped)
+        return self._db.transact(work)
+
+    @staticmethod
+    def _start_over(s: Session, tenant_id: str, batch_id: str) -> None:
+        status = _locked_status(s, tenant_id, batch_id)
+        if status != "validating":
+            raise InvalidTransition(f"batch {batch_id} is {status}; only a validating batch can be ingested")
+        s.execute(delete(Job).where(Job.batch_id == batch_id, Job.tenant_id == tenant_id))
 
     def queued_job_ids(self, tenant_id: str, batch_id: str, *, page_size: int = 1000) -> Iterator[str]:
         """The ids of the batch's queued jobs, in id order, a page at a time, for sending their
@@ -363,82 +303,6 @@ class BatchStore:
         )
         return paged_ids(self._db, lambda last: queued.where(Job.id > last).order_by(Job.id).limit(page_size),
                          page_size)
-
-    @staticmethod
-    def _parse_line(
-        batch: Batch,
-        number: int,
-        raw: bytes,
-        seen: set[str],
-        validate: BodyValidator | None,
-        error: Callable[[int | None, str, str], None],
-        priority: int,
-        prepare: BodyPreparer | None = None,
-    ) -> JobSpec | None:
-        try:
-            item = json.loads(raw, parse_constant=_no_constant)
-        except UnicodeDecodeError:
-            error(number, "invalid_json", "the line is not valid JSON: it is not UTF-8")
-            return None
-        except ValueError as exc:
-            where = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-            error(number, "invalid_json", f"the line is not valid JSON: {getattr(exc, 'msg', exc)}{where}")
-            return None
-        except RecursionError:  # not a ValueError: it would end the whole ingestion
-            error(number, "invalid_json", "the line is not valid JSON: it is nested too deeply")
-            return None
-        if not isinstance(item, dict):
-            error(number, "invalid_request", "each line must be a JSON object")
-            return None
-        custom_id = item.get("custom_id")
-        body = item.get("body")
-        if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 200 or not _storable(custom_id):
-            error(number, "invalid_custom_id",
-                  "custom_id must be a string of 1 to 200 characters, without NUL or unpaired surrogates")
-        elif custom_id in seen:
-            error(number, "duplicate_custom_id", f"custom_id {custom_id!r} appears more than once")
-        elif item.get("method") != "POST":
-            error(number, "invalid_method", "method must be POST")
-        elif item.get("url") != batch.endpoint:
-            error(number, "mismatched_url", f"url must be the batch's endpoint {batch.endpoint!r}")
-        elif (not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]
-              or len(body["model"]) > 200 or not _storable(body["model"])):
-            error(number, "invalid_body", "body must be an object with a model (a name of 1 to 200 characters)")
-        elif _SURROGATE_ESCAPE.search(raw) and not _storable(json.dumps(body, ensure_ascii=False), nul_ok=True):
-            error(number, "invalid_body", "body holds an unpaired surrogate (\\ud800-\\udfff), which is not text")
-        else:
-            problem = validate(body) if validate is not None else None
-            seen.add(custom_id)
-            if problem:
-                error(number, "invalid_body", problem)
-                return None
-            request = body
-            if prepare is not None:
-                prepared = prepare(body)
-                if isinstance(prepared, str):
-                    error(number, "invalid_body", prepared)
-                    return None
-                request = prepared
-            return JobSpec(
-                model=body["model"],
-                request=request,
-                kind="bulk",
-                priority=priority,
-                api_key_id=batch.api_key_id,
-                batch_id=batch.id,
-                custom_id=custom_id,
-                expires_at=batch.expires_at,
-            )
-        return None
-
-    @staticmethod
-    def _fail_ingest(s: Session, batch_id: str, errors: list[dict[str, Any]], now: datetime) -> None:
-        s.execute(delete(Job).where(Job.batch_id == batch_id))
-        s.execute(
-            update(Batch)
-            .where(Batch.id == batch_id, Batch.status == "validating")
-            .values(status="failed", errors=errors, failed_at=now, total=0)
-        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 

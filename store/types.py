@@ -144,19 +144,3 @@ class BatchCounts:
     failed: int
     cancelled: int
     pending: int
-
-
-@dataclass
-class IngestReport:
-    """The outcome of turning a batch input file into jobs. ``errors`` holds at most a few dozen
-    entries of ``{"code", "message", "line"}`` (OpenAI's batch error shape)."""
-
-    batch_id: str
-    total: int
-    errors: list[dict[str, Any]]
-    stopped: str | None = None  # the batch left ``validating`` meanwhile (e.g. "cancelling"): its jobs stay unsent
-
-    @property
-    def ok(self) -> bool:
-        """True when every line became a job and the batch is now ``in_progress``."""
-        return not self.errors and self.stopped is None

@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 import redis
 
+from api.batch_ingest import ingest_batch
+from api.config import ApiConfig
 from api_fixtures import (  # noqa: F401 - fixtures
     SHARED_REDIS_URL,
     TINY,
@@ -63,7 +65,8 @@ def test_store_cancel_between_ingest_chunks_leaves_nothing_to_send(relapi_store:
             assert cancelled.status == "cancelled"
         return {"prompt": body["prompt"], "params": {"max_tokens": 2}, "stream": False}
 
-    report = relapi_store.batches.ingest(tenant_id, batch.id, prepare=prepare, jobs_per_insert=500)
+    report = ingest_batch(relapi_store, tenant_id, batch.id, prepare=prepare, max_lines=ApiConfig.batch_max_lines,
+                          jobs_per_insert=500)
     assert report.stopped == "cancelled" and not report.ok
     assert relapi_store.batches.get(tenant_id, batch.id).status == "cancelled"  # type: ignore[union-attr]
     statuses = Counter(j.status for j in relapi_store.jobs.list_jobs(tenant_id, batch_id=batch.id, limit=1000).jobs)
@@ -76,7 +79,7 @@ def test_store_hands_out_no_job_of_a_batch_cancelled_while_it_is_sent(relapi_sto
     tenant_id, _ = relapi_tenant
     batch = relapi_store.batches.create(tenant_id, input_file_id=_file(relapi_store, tenant_id, 30, TINY),
                                         endpoint=ENDPOINT)
-    assert relapi_store.batches.ingest(tenant_id, batch.id).ok
+    assert ingest_batch(relapi_store, tenant_id, batch.id, prepare=None, max_lines=ApiConfig.batch_max_lines).ok
     pages = relapi_store.batches.queued_job_ids(tenant_id, batch.id, page_size=10)
     first = [next(pages) for _ in range(10)]
     relapi_store.batches.cancel(tenant_id, batch.id)

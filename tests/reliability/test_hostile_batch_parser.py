@@ -1,5 +1,6 @@
-"""Hypothesis against the batch-file parser: `store.batches.BatchStore.ingest` with the API's own
-per-line check (`api.batch_runner.BatchRunner.preparer`), on a real PostgreSQL database.
+"""Hypothesis against the batch-file parser: `api.batch_ingest.ingest_batch` (the line rules of
+`api.batch_lines`) with the API's own body check (`api.batch_lines.request_preparer`), on a real
+PostgreSQL database.
 
 Whatever the file holds — invalid JSON or UTF-8, deep nesting, NUL and unpaired surrogates in
 custom_id or body, non-finite numbers, wrong methods and URLs, hostile bodies — ingestion never
@@ -19,11 +20,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from api.batch_runner import BatchRunner
+from api.batch_ingest import IngestReport, ingest_batch
+from api.batch_lines import BodyPreparer, request_preparer
 from api.config import ApiConfig
-from api.queue import Dispatcher
 from api.registry import ModelRegistry
-from hostile_fixtures import PG_PREFIX, REDIS_URL, TINY, tiny_dir  # noqa: F401 - fixture
+from hostile_fixtures import PG_PREFIX, TINY, tiny_dir  # noqa: F401 - fixture
 from pg_helpers import migrated_postgres
 from store import Store
 
@@ -39,10 +40,15 @@ def store() -> Iterator[Store]:
 
 
 @pytest.fixture(scope="module")
-def runner(store: Store, tiny_dir: Path) -> BatchRunner:  # noqa: F811 - the imported fixture
-    config = ApiConfig(database_url="unused", redis_url=REDIS_URL, models={TINY: str(tiny_dir)}, run_batch_loop=False)
-    # Nothing is sent: only the per-line check is used (the dispatcher connects lazily).
-    return BatchRunner(config, store, Dispatcher(REDIS_URL), ModelRegistry(config.models))
+def prepare(tiny_dir: Path) -> BodyPreparer:  # noqa: F811 - the imported fixture
+    """The API's body check for the batch's endpoint, over the tiny model served as TINY."""
+    registry = ModelRegistry({TINY: str(tiny_dir)})
+    return request_preparer(ENDPOINT, registry, default_max_tokens=ApiConfig.default_max_tokens)
+
+
+def ingest(store: Store, prepare: BodyPreparer, tenant: str, batch_id: str) -> IngestReport:
+    """What the batch runner does to ingest a batch, without its Redis lock and sending."""
+    return ingest_batch(store, tenant, batch_id, prepare=prepare, max_lines=ApiConfig.batch_max_lines)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +109,7 @@ line_kind = st.sampled_from(["good"] * 4 + sorted(BAD) + sorted(ODD))
 @pytest.mark.slow
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(kinds=st.lists(line_kind, min_size=1, max_size=6), blank_between=st.booleans())
-def test_the_batch_parser_never_raises_and_names_every_bad_line(kinds, blank_between, store, runner, tenant) -> None:
+def test_the_batch_parser_never_raises_and_names_every_bad_line(kinds, blank_between, store, prepare, tenant) -> None:
     raw_lines: list[bytes] = []
     numbers: dict[int, str] = {}  # line number -> kind
     for i, kind in enumerate(kinds):
@@ -114,9 +120,7 @@ def test_the_batch_parser_never_raises_and_names_every_bad_line(kinds, blank_bet
             raw_lines.append(b"   ")
     f = store.files.create(tenant, [b"\n".join(raw_lines) + b"\n"], purpose="batch", filename="fuzz.jsonl")
     batch = store.batches.create(tenant, input_file_id=f.id, endpoint=ENDPOINT)
-    prepare, _model = runner.preparer(ENDPOINT)
-
-    report = store.batches.ingest(tenant, batch.id, prepare=prepare, max_lines=1000)  # must not raise
+    report = ingest(store, prepare, tenant, batch.id)  # must not raise
 
     after = store.batches.get(tenant, batch.id)
     jobs = store.jobs.list_jobs(tenant, batch_id=batch.id, limit=1000).jobs
@@ -138,12 +142,11 @@ def test_the_batch_parser_never_raises_and_names_every_bad_line(kinds, blank_bet
 
 
 @pytest.mark.slow
-def test_each_kind_of_bad_line_alone_fails_the_batch_with_its_line_number(store, runner, tenant) -> None:
+def test_each_kind_of_bad_line_alone_fails_the_batch_with_its_line_number(store, prepare, tenant) -> None:
     for kind, make in sorted(BAD.items()):
         lines = [good(0), make(1), good(2)]
         f = store.files.create(tenant, [b"\n".join(lines)], purpose="batch", filename=f"{kind}.jsonl")
         batch = store.batches.create(tenant, input_file_id=f.id, endpoint=ENDPOINT)
-        prepare, _ = runner.preparer(ENDPOINT)
-        report = store.batches.ingest(tenant, batch.id, prepare=prepare)
+        report = ingest(store, prepare, tenant, batch.id)
         assert [e["line"] for e in report.errors] == [2], (kind, report.errors)
         assert store.batches.get(tenant, batch.id).status == "failed", kind

@@ -1,4 +1,5 @@
-"""Batches: ingestion of the input file into jobs, lifecycle, counts, cancellation, expiry."""
+"""Batches: the store's side of ingestion (start, add jobs, finish), lifecycle, counts,
+cancellation, expiry. The batch-line rules are the API's (tests/api/test_batch_ingest.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import update
 
-from store import FinishedJob, InvalidTransition, JobFailure, NotFound, Store
+from store import FinishedJob, InvalidTransition, JobFailure, JobSpec, NotFound, Store
 from store.models import Batch
 
 
@@ -27,12 +28,28 @@ def new_batch(store: Store, tenant_id: str, n: int = 5, **kw):  # type: ignore[n
     return store.batches.create(tenant_id, input_file_id=file_id, endpoint="/v1/chat/completions", **kw)
 
 
-def test_ingest_turns_each_line_into_a_bulk_job(store: Store, tenant_id: str) -> None:
+def ingest(store: Store, tenant_id: str, batch_id: str, *, jobs_per_insert: int = 500) -> int:
+    """What the API's ingestion (api/batch_ingest.py) does with a good file, in the store's three
+    steps: one bulk job per line, then the batch is in_progress. Returns the number of jobs."""
+    batch = store.batches.start_ingest(tenant_id, batch_id)
+    assert batch.input_file_id is not None
+    specs = []
+    for _, raw in store.files.open_lines(tenant_id, batch.input_file_id):
+        item = json.loads(raw)
+        specs.append(JobSpec(model=item["body"]["model"], request=item["body"], kind="bulk",
+                             api_key_id=batch.api_key_id, batch_id=batch_id, custom_id=item["custom_id"],
+                             expires_at=batch.expires_at))
+    for start in range(0, len(specs), jobs_per_insert):
+        assert store.batches.add_jobs(tenant_id, batch_id, specs[start:start + jobs_per_insert]) is None
+    assert store.batches.finish_ingest(tenant_id, batch_id, total=len(specs), errors=[]) is None
+    return len(specs)
+
+
+def test_an_ingested_batch_runs_its_bulk_jobs(store: Store, tenant_id: str) -> None:
     key, _ = store.keys.create_key(tenant_id)
     batch = new_batch(store, tenant_id, n=7, metadata={"team": "search"}, api_key_id=key.id)
     assert batch.status == "validating" and batch.expires_at - batch.created_at == timedelta(hours=24)
-    report = store.batches.ingest(tenant_id, batch.id, jobs_per_insert=3)
-    assert report.ok and report.total == 7
+    assert ingest(store, tenant_id, batch.id, jobs_per_insert=3) == 7
     got = store.batches.get(tenant_id, batch.id)
     assert got.status == "in_progress" and got.total == 7 and got.in_progress_at is not None  # type: ignore[union-attr]
     assert got.metadata_ == {"team": "search"}  # type: ignore[union-attr]
@@ -50,7 +67,7 @@ def test_ingest_turns_each_line_into_a_bulk_job(store: Store, tenant_id: str) ->
 
 def test_full_lifecycle_counts_and_outcomes(store: Store, tenant_id: str) -> None:
     batch = new_batch(store, tenant_id, n=4)
-    store.batches.ingest(tenant_id, batch.id)
+    ingest(store, tenant_id, batch.id)
     ids = list(store.jobs.iter_job_ids(tenant_id, batch_id=batch.id))
     store.jobs.mark_running(ids, "w")
     store.jobs.record_results([FinishedJob(i, "ok", "stop", 3, 4) for i in ids[:3]])
@@ -70,66 +87,46 @@ def test_full_lifecycle_counts_and_outcomes(store: Store, tenant_id: str) -> Non
     assert store.batches.counts(tenant_id, batch.id).failed == 1  # type: ignore[union-attr]
 
 
-def test_bad_lines_fail_the_batch_and_keep_no_job(store: Store, tenant_id: str) -> None:
-    lines = [
-        line("a"),
-        b"not json\n",
-        line("b", url="/v1/completions"),
-        line("a"),
-        b"\n",
-        json.dumps({"custom_id": "c", "method": "GET", "url": "/v1/chat/completions", "body": {}}).encode() + b"\n",
-        json.dumps({"custom_id": "d", "method": "POST", "url": "/v1/chat/completions", "body": {}}).encode() + b"\n",
-        line("e"),
-    ]
-    file_id = upload(store, tenant_id, lines)
-    batch = store.batches.create(tenant_id, input_file_id=file_id, endpoint="/v1/chat/completions")
-    report = store.batches.ingest(tenant_id, batch.id, jobs_per_insert=1)
-    assert not report.ok
-    assert [(e["line"], e["code"]) for e in report.errors] == [
-        (2, "invalid_json"),
-        (3, "mismatched_url"),
-        (4, "duplicate_custom_id"),
-        (6, "invalid_method"),
-        (7, "invalid_body"),
-    ]
+def test_finishing_with_errors_keeps_no_job_and_fails_the_batch(store: Store, tenant_id: str) -> None:
+    batch = new_batch(store, tenant_id, n=3)
+    store.batches.start_ingest(tenant_id, batch.id)
+    specs = [JobSpec(model="smollm2", request={}, kind="bulk", batch_id=batch.id, custom_id=f"req-{i}")
+             for i in range(2)]
+    assert store.batches.add_jobs(tenant_id, batch.id, specs) is None
+    errors = [{"code": "invalid_json", "message": "the line is not valid JSON", "line": 3}]
+    assert store.batches.finish_ingest(tenant_id, batch.id, total=3, errors=errors) is None
     failed = store.batches.get(tenant_id, batch.id)
-    assert failed.status == "failed" and failed.errors == report.errors and failed.failed_at is not None  # type: ignore[union-attr]
-    assert store.jobs.count_jobs(tenant_id) == 0
+    assert failed.status == "failed" and failed.errors == errors and failed.failed_at is not None  # type: ignore[union-attr]
+    assert failed.total == 0 and store.jobs.count_jobs(tenant_id) == 0  # type: ignore[union-attr]
 
 
 def test_an_interrupted_ingestion_can_start_over(store: Store, tenant_id: str) -> None:
     batch = new_batch(store, tenant_id, n=6)
     from store.batches import insert_jobs
-    from store.types import JobSpec
 
     partial = [
         JobSpec(model="smollm2", request={}, kind="bulk", batch_id=batch.id, custom_id=f"req-{i}") for i in range(3)
     ]
     with store.db.write() as s:  # what a crash after the first insert transaction leaves behind
         insert_jobs(s, tenant_id, partial)
-    report = store.batches.ingest(tenant_id, batch.id)
-    assert report.ok and report.total == 6
+    assert ingest(store, tenant_id, batch.id) == 6
+    assert store.batches.get(tenant_id, batch.id).total == 6  # type: ignore[union-attr]
     assert store.jobs.count_jobs(tenant_id, batch_id=batch.id) == 6
 
 
-def test_validate_hook_rejects_bodies(store: Store, tenant_id: str) -> None:
-    file_id = upload(store, tenant_id, [line("a"), line("b", max_tokens=-1)])
-    batch = store.batches.create(tenant_id, input_file_id=file_id, endpoint="/v1/chat/completions")
-
-    def validate(body):  # type: ignore[no-untyped-def]
-        return "max_tokens must be positive" if body.get("max_tokens", 1) < 1 else None
-
-    report = store.batches.ingest(tenant_id, batch.id, validate=validate)
-    assert report.errors == [{"code": "invalid_body", "message": "max_tokens must be positive", "line": 2}]
-
-
-def test_empty_or_oversized_input_fails(store: Store, tenant_id: str) -> None:
-    file_id = upload(store, tenant_id, [b"\n"])
-    batch = store.batches.create(tenant_id, input_file_id=file_id, endpoint="/v1/chat/completions")
-    assert store.batches.ingest(tenant_id, batch.id).errors[0]["code"] == "empty_file"
+def test_a_batch_cancelled_while_ingested_takes_no_more_jobs(store: Store, tenant_id: str) -> None:
     batch = new_batch(store, tenant_id, n=4)
-    report = store.batches.ingest(tenant_id, batch.id, max_lines=3)
-    assert report.errors[0]["code"] == "too_many_requests" and store.jobs.count_jobs(tenant_id) == 0
+    store.batches.start_ingest(tenant_id, batch.id)
+    specs = [JobSpec(model="smollm2", request={}, kind="bulk", batch_id=batch.id, custom_id=f"req-{i}")
+             for i in range(4)]
+    assert store.batches.add_jobs(tenant_id, batch.id, specs[:2]) is None
+    assert store.batches.cancel(tenant_id, batch.id).status == "cancelled"
+    assert store.batches.add_jobs(tenant_id, batch.id, specs[2:]) == "cancelled"
+    assert store.batches.finish_ingest(tenant_id, batch.id, total=4, errors=[]) == "cancelled"
+    assert store.jobs.count_jobs(tenant_id, batch_id=batch.id) == 2
+    assert store.jobs.count_jobs(tenant_id, batch_id=batch.id, status="cancelled") == 2
+    with pytest.raises(ValueError, match="must name it as its batch_id"):
+        store.batches.add_jobs(tenant_id, batch.id, [JobSpec(model="smollm2", request={}, custom_id="x")])
 
 
 def test_create_refuses_bad_arguments(store: Store, tenant_id: str) -> None:
@@ -151,14 +148,14 @@ def test_invalid_transitions_say_what_is_allowed(store: Store, tenant_id: str) -
         InvalidTransition, match="validating; it can move to in_progress, failed, cancelling, not completed"
     ):
         store.batches.transition(tenant_id, batch.id, "completed")
-    store.batches.ingest(tenant_id, batch.id)
+    ingest(store, tenant_id, batch.id)
     with pytest.raises(InvalidTransition, match="only a validating batch can be ingested"):
-        store.batches.ingest(tenant_id, batch.id)
+        store.batches.start_ingest(tenant_id, batch.id)
 
 
 def test_cancel_stops_queued_jobs_and_waits_for_running_ones(store: Store, tenant_id: str) -> None:
     batch = new_batch(store, tenant_id, n=5)
-    store.batches.ingest(tenant_id, batch.id)
+    ingest(store, tenant_id, batch.id)
     ids = list(store.jobs.iter_job_ids(tenant_id, batch_id=batch.id))
     store.jobs.mark_running(ids[:2], "w")
     cancelling = store.batches.cancel(tenant_id, batch.id)
@@ -175,7 +172,7 @@ def test_cancel_stops_queued_jobs_and_waits_for_running_ones(store: Store, tenan
 
 def test_a_batch_past_its_window_expires(store: Store, tenant_id: str) -> None:
     batch = new_batch(store, tenant_id, n=3, completion_window="1h")
-    store.batches.ingest(tenant_id, batch.id)
+    ingest(store, tenant_id, batch.id)
     ids = list(store.jobs.iter_job_ids(tenant_id, batch_id=batch.id))
     store.jobs.record_results([FinishedJob(ids[0], "ok", "stop", 1, 1)])
     with store.db.write() as s:

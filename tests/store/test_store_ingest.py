@@ -1,4 +1,5 @@
-"""Large batch files stream through upload and ingestion with bounded memory."""
+"""Large batch files stream through upload and ingestion (the API's, api/batch_ingest.py, into the
+store) with bounded memory."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import tracemalloc
 from collections.abc import Iterator
 
+from api.batch_ingest import ingest_batch
+from api.config import ApiConfig
 from store import Store
 
 MB = 1_000_000
@@ -29,7 +32,8 @@ def test_a_large_file_uploads_and_ingests_in_bounded_memory(store: Store, tenant
         _, upload_peak = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         batch = store.batches.create(tenant_id, input_file_id=file.id, endpoint="/v1/chat/completions")
-        report = store.batches.ingest(tenant_id, batch.id, jobs_per_insert=250)
+        report = ingest_batch(store, tenant_id, batch.id, prepare=None,
+                              max_lines=ApiConfig.batch_max_lines, jobs_per_insert=250)
         _, ingest_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -19,7 +19,10 @@ def acme(store: Store, tenant_id: str) -> dict[str, str]:
     line = {"custom_id": "c1", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "s"}}
     file_id = store.files.create(tenant_id, io.BytesIO(json.dumps(line).encode()), purpose="batch", filename="f").id
     batch_id = store.batches.create(tenant_id, input_file_id=file_id, endpoint="/v1/completions").id
-    assert store.batches.ingest(tenant_id, batch_id).ok
+    store.batches.start_ingest(tenant_id, batch_id)
+    spec = JobSpec(model="m", request=line["body"], kind="bulk", batch_id=batch_id, custom_id="c1")
+    assert store.batches.add_jobs(tenant_id, batch_id, [spec]) is None
+    assert store.batches.finish_ingest(tenant_id, batch_id, total=1, errors=[]) is None
     return {"job": job_id, "queued": queued, "file": file_id, "batch": batch_id}
 
 
@@ -66,15 +69,20 @@ def test_another_tenant_cannot_see_use_or_cancel_a_batch(
         lambda: store.batches.advance(other_tenant_id, batch),
         lambda: store.batches.transition(other_tenant_id, batch, "cancelling"),
         lambda: store.batches.iter_outcomes(other_tenant_id, batch),
-        lambda: store.batches.ingest(other_tenant_id, batch),
+        lambda: store.batches.start_ingest(other_tenant_id, batch),
         lambda: store.batches.list_batches(other_tenant_id, after=batch),
         lambda: store.batches.create(other_tenant_id, input_file_id=acme["file"], endpoint="/v1/completions"),
         lambda: store.jobs.create_job(other_tenant_id, JobSpec(model="m", request={}, batch_id=batch, custom_id="x")),
     ):
         with pytest.raises(NotFound):
             attempt()
+    # Another tenant's ingestion steps find no such batch: nothing is added, nothing finished.
+    theirs = JobSpec(model="m", request={}, kind="bulk", batch_id=batch, custom_id="x")
+    assert store.batches.add_jobs(other_tenant_id, batch, [theirs]) == "deleted"
+    assert store.batches.finish_ingest(other_tenant_id, batch, total=0, errors=[{"code": "x"}]) == "deleted"
     assert store.batches.get(tenant_id, batch).status == "in_progress"  # type: ignore[union-attr]
     assert store.jobs.count_jobs(tenant_id, batch_id=batch) == 1
+    assert store.jobs.count_jobs(other_tenant_id) == 0
     with pytest.raises(InvalidTransition):  # acme itself gets a real answer
         store.batches.transition(tenant_id, batch, "completed")
 

@@ -1,0 +1,107 @@
+"""Ingesting a batch: its input file, streamed line by line through the batch-line rules
+(`api.batch_lines`), into bulk jobs in the store.
+
+Plain steps: the store readies the batch (it must be ``validating``; jobs left by an ingestion that
+died half-way are dropped); the good lines' jobs go in a group at a time while no line has been
+refused; at the end the batch opens (``in_progress`` with its total) or fails with the refused
+lines' errors. Memory stays bounded by one group. A batch cancelled meanwhile stops the ingestion
+at the next group, and keeps no queued job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from api.batch_lines import BatchLine, BodyPreparer, LineError, LineRules
+from store import JobSpec, Store
+from store.models import Batch
+
+MAX_ERRORS = 50  # errors.data entries kept for a failed batch: enough to fix a file, bounded in size
+JOBS_PER_INSERT = 500
+
+
+@dataclass
+class IngestReport:
+    """The outcome of turning a batch input file into jobs. ``errors`` holds at most MAX_ERRORS
+    entries of ``{"code", "message", "line"}`` (OpenAI's batch error shape)."""
+
+    batch_id: str
+    total: int
+    errors: list[dict[str, Any]]
+    stopped: str | None = None  # the batch left ``validating`` meanwhile (e.g. "cancelling"): its jobs stay unsent
+    model: str | None = None  # the model every request of the batch names
+
+    @property
+    def ok(self) -> bool:
+        """True when every line became a job and the batch is now ``in_progress``."""
+        return not self.errors and self.stopped is None
+
+
+class _FileCheck:
+    """One pass over a batch file: the good lines, while no line has been refused; the errors and
+    the number of requests (non-blank lines) as they are found."""
+
+    def __init__(self, rules: LineRules, max_lines: int) -> None:
+        self._rules = rules
+        self._max_lines = max_lines
+        self.total = 0
+        self.errors: list[LineError] = []
+
+    def refuse(self, error: LineError) -> None:
+        """Records a refused line (only the first MAX_ERRORS are kept)."""
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(error)
+
+    def good_lines(self, lines: Iterable[tuple[int, bytes]]) -> Iterator[BatchLine]:
+        """The good lines of ``lines`` (numbered, as the store reads them) while none was refused;
+        after a refusal the rest is still checked, so that the report names every bad line."""
+        try:
+            for number, raw in lines:
+                if not raw.strip():
+                    continue
+                self.total += 1
+                if self.total > self._max_lines:
+                    self.refuse(LineError(number, "too_many_requests",
+                                          f"a batch holds at most {self._max_lines} requests"))
+                    return
+                outcome = self._rules.check(number, raw)
+                if isinstance(outcome, LineError):
+                    self.refuse(outcome)
+                elif not self.errors:
+                    yield outcome
+        except ValueError as exc:  # a line over the size limit
+            self.refuse(LineError(None, "invalid_file", str(exc)))
+
+
+def _job(batch: Batch, line: BatchLine, priority: int) -> JobSpec:
+    return JobSpec(model=line.model, request=line.request, kind="bulk", priority=priority,
+                   api_key_id=batch.api_key_id, batch_id=batch.id, custom_id=line.custom_id,
+                   expires_at=batch.expires_at)
+
+
+def ingest_batch(store: Store, tenant_id: str, batch_id: str, *, prepare: BodyPreparer | None, max_lines: int,
+                 jobs_per_insert: int = JOBS_PER_INSERT, priority: int = 0) -> IngestReport:
+    """Turns a ``validating`` batch's input file into bulk jobs.
+
+    ``prepare`` checks each line's body and returns the request its job stores (None: the body
+    itself). If every line is good the batch moves to ``in_progress``; otherwise it keeps no job,
+    moves to ``failed``, and the report (and the batch's ``errors``) say which lines were wrong.
+    Raises NotFound or InvalidTransition when the batch cannot be ingested.
+    """
+    batch = store.batches.start_ingest(tenant_id, batch_id)
+    assert batch.input_file_id is not None  # start_ingest refuses a batch without one
+    rules = LineRules(batch.endpoint, prepare)
+    check = _FileCheck(rules, max_lines)
+    good = check.good_lines(store.files.open_lines(tenant_id, batch.input_file_id))
+    stopped: str | None = None
+    while stopped is None and (group := list(islice(good, jobs_per_insert))):
+        stopped = store.batches.add_jobs(tenant_id, batch_id, [_job(batch, line, priority) for line in group])
+    if stopped is None and check.total == 0 and not check.errors:
+        check.refuse(LineError(None, "empty_file", "the input file holds no requests"))
+    errors = [e.entry() for e in check.errors]
+    if stopped is None:
+        stopped = store.batches.finish_ingest(tenant_id, batch_id, total=check.total, errors=errors)
+    return IngestReport(batch_id, 0 if errors or stopped else check.total, errors, stopped, rules.model)
