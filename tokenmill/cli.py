@@ -13,7 +13,10 @@ from tokenmill.cli_api import api_command
 from tokenmill.cli_keys import keys_app
 from tokenmill.cli_up import down_command, up_command
 from tokenmill.cli_flower import flower_command
-from tokenmill.cli_batch import batch_app, jobs_app, submit_command, usage_command
+from tokenmill.cli_batch import batch_app
+from tokenmill.cli_jobs import jobs_app
+from tokenmill.cli_submit import submit_command
+from tokenmill.cli_usage import usage_command
 
 app = typer.Typer(
     name="tokenmill",

@@ -56,7 +56,7 @@ def up_command(
 
 def _detach(settings) -> int:  # type: ignore[no-untyped-def]
     """Runs this same command in the background and waits until the stack is ready."""
-    from tokenmill.up import read_state
+    from tokenmill.up_state import read_state
 
     argv = [a for a in sys.argv[1:] if a not in ("--detach", "-d")] + ["--no-live"]
     log_path = settings.data_dir / "logs" / "up.log"
@@ -92,7 +92,7 @@ def _last_error(log_path) -> str | None:  # type: ignore[no-untyped-def]
 
 
 def _print_ready(settings, state: dict) -> None:  # type: ignore[no-untyped-def]
-    from tokenmill.up import LOCAL_TENANT, secrets_dir
+    from tokenmill.up_state import LOCAL_TENANT, secrets_dir
 
     typer.echo(f"tokenmill is up (pid {state['pid']}): API {state['api_url']}"
                + (f", Flower {state['flower_url']}" if state.get("flower_url") else ""))
@@ -115,7 +115,7 @@ def down_command(
 ) -> None:
     """Stop the `tokenmill up` running with this data directory, in order (as Ctrl-C does)."""
     from tokenmill.settings import Settings
-    from tokenmill.up import read_state
+    from tokenmill.up_state import read_state
 
     settings = Settings.from_env()
     state = read_state(settings)

@@ -28,10 +28,8 @@ from typing import Any
 from tokenmill.redis_embedded import RedisUnavailable, embedded_redis, port_is_free
 from tokenmill.settings import Settings
 from tokenmill.supervisor import ChildSpec, Supervisor
-
-STATE_FILE = "up.json"
-LOCAL_TENANT = "local"
-
+from tokenmill.up_state import LOCAL_TENANT, STATE_FILE, local_address, read_state, secrets_dir
+from tokenmill.up_view import render_status, render_summary
 
 class StartupError(Exception):
     """Something the user can fix stopped the stack from starting; the message says what."""
@@ -68,33 +66,6 @@ class Secrets:
 
 # -- small helpers --------------------------------------------------------------------------------
 
-def secrets_dir(settings: Settings) -> Path:
-    """Where `tokenmill up` keeps the keys it made (mode 0700, files 0600)."""
-    return settings.data_dir / "secrets"
-
-
-def read_state(settings: Settings) -> dict[str, Any] | None:
-    """The running `tokenmill up`'s state file (pid, URLs), or None when none runs."""
-    try:
-        state = json.loads((settings.data_dir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    pid = state.get("pid")
-    if not isinstance(pid, int) or not _alive(pid):
-        return None
-    return state
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -124,11 +95,6 @@ def _tcp_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _local(host: str) -> str:
-    # A server bound to every interface is reached locally on the loopback address.
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def _first_line(exc: BaseException) -> str:
@@ -310,7 +276,7 @@ class Stack:
                   "PYTHONUNBUFFERED": "1"}
         api_env = {**common, "TOKENMILL_ADMIN_KEY": self.secrets.admin_key,
                    "TOKENMILL_SERVED_MODELS": f"{o.served_name}={self.model_dir}"}
-        api_url = f"http://{_local(o.api_host)}:{o.api_port}"
+        api_url = f"http://{local_address(o.api_host)}:{o.api_port}"
         self.sup.add(ChildSpec("api", py + ["api", "--host", o.api_host, "--port", str(o.api_port)],
                                self.logs / "api.log", env=api_env, ready=lambda: _http_ok(api_url + "/healthz"),
                                start_timeout_s=120, stop_timeout_s=20))
@@ -336,7 +302,7 @@ class Stack:
             flower_env = {**common, "TOKENMILL_FLOWER_USER": s.flower_user,
                           "TOKENMILL_FLOWER_PASSWORD": self.secrets.flower_password,
                           "TOKENMILL_SERVED_MODELS": f"{o.served_name}={self.model_dir}"}
-            fh, fp = _local(o.flower_host), o.flower_port
+            fh, fp = local_address(o.flower_host), o.flower_port
             self.sup.add(ChildSpec("flower", py + ["flower", "--host", o.flower_host, "--port", str(fp)],
                                    self.logs / "flower.log", env=flower_env, ready=lambda: _tcp_open(fh, fp),
                                    start_timeout_s=60, stop_timeout_s=10))
@@ -379,8 +345,8 @@ class Stack:
     def _write_state(self, ready: bool) -> None:
         o = self.opts
         state = {"pid": os.getpid(), "ready": ready, "started_at": self.started_at,
-                 "api_url": f"http://{_local(o.api_host)}:{o.api_port}",
-                 "flower_url": f"http://{_local(o.flower_host)}:{o.flower_port}" if o.flower else None,
+                 "api_url": f"http://{local_address(o.api_host)}:{o.api_port}",
+                 "flower_url": f"http://{local_address(o.flower_host)}:{o.flower_port}" if o.flower else None,
                  "redis_url": self.redis_url, "model": o.served_name,
                  "first_start": list(self.secrets.created) if self.secrets else []}
         tmp = self.settings.data_dir / (STATE_FILE + ".tmp")
@@ -396,8 +362,6 @@ class Stack:
 
     def watch(self) -> int:
         """Supervises until asked to stop; returns 1 if a child had to be given up on."""
-        from tokenmill.up_view import render_status
-
         live = None
         if self.opts.live and self.console.is_terminal:
             from rich.live import Live
@@ -522,8 +486,6 @@ def plain_status(status: dict[str, Any]) -> str:
 
 def run_up(settings: Settings, opts: UpOptions, console: Any) -> int:
     """Runs the stack until Ctrl-C/SIGTERM; returns the exit code."""
-    from tokenmill.up_view import render_summary
-
     stack = Stack(settings, opts, console)
     signal.signal(signal.SIGINT, stack.request_stop)
     signal.signal(signal.SIGTERM, stack.request_stop)
@@ -551,9 +513,9 @@ def render_summary_plain(stack: Stack) -> str:
     o, sec = stack.opts, stack.secrets
     assert sec is not None
     lines = [f"tokenmill is up: model {o.served_name}",
-             f"  API     http://{_local(o.api_host)}:{o.api_port}  (docs: /docs, metrics: /metrics)"]
+             f"  API     http://{local_address(o.api_host)}:{o.api_port}  (docs: /docs, metrics: /metrics)"]
     if o.flower:
-        lines.append(f"  Flower  http://{_local(o.flower_host)}:{o.flower_port}  (user {stack.settings.flower_user})")
+        lines.append(f"  Flower  http://{local_address(o.flower_host)}:{o.flower_port}  (user {stack.settings.flower_user})")
     lines.append(f"  data    {stack.settings.data_dir}  (logs in {stack.logs})")
     # Key values go only to a terminal; a log file gets where they are kept.
     d = secrets_dir(stack.settings)

@@ -10,23 +10,23 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from tokenmill.up_state import LOCAL_TENANT, local_address, secrets_dir
+
 _STATE_STYLE = {"ready": "green", "starting": "yellow", "backoff": "red", "failed": "bold red",
                 "stopping": "yellow", "stopped": "dim"}
 
 
 def render_summary(stack: Any) -> Panel:
     """The panel printed once the stack is up."""
-    from tokenmill.up import LOCAL_TENANT, secrets_dir
-
     o, s, sec = stack.opts, stack.settings, stack.secrets
-    api = f"http://{_local(o.api_host)}:{o.api_port}"
+    api = f"http://{local_address(o.api_host)}:{o.api_port}"
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
     t.add_column()
     t.add_row("model", o.served_name)
     t.add_row("API", f"{api}   docs {api}/docs · metrics {api}/metrics")
     if o.flower:
-        t.add_row("Flower", f"http://{_local(o.flower_host)}:{o.flower_port}   user {s.flower_user}")
+        t.add_row("Flower", f"http://{local_address(o.flower_host)}:{o.flower_port}   user {s.flower_user}")
     t.add_row("data", f"{s.data_dir}   logs {stack.logs}")
     d = secrets_dir(s)
     if "admin" in sec.created:
@@ -68,7 +68,3 @@ def render_status(stack: Any, status: dict[str, Any]) -> Group:
                            f"done {jobs.get('succeeded', '?')} · failed {jobs.get('failed', '?')}   ",
         ("tokens/s ", "bold"), f"{status.get('tokens_per_s', 0):.1f}")
     return Group(procs, Text(""), workers, Text(""), line)
-
-
-def _local(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
