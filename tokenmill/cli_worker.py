@@ -38,10 +38,11 @@ def worker_command(
     if gpus is not None:
         if gpus != "all":
             raise typer.BadParameter('only "all" is accepted', param_hint="--gpus")
-        from workers.main import supervise, visible_gpu_count
+        from tokenmill.gpus import visible_gpu_ids
+        from tokenmill.supervisor import supervise
 
-        n = visible_gpu_count()
-        if n == 0:
+        ids = visible_gpu_ids()
+        if not ids:
             typer.echo("no GPU is visible (nvidia-smi finds none); run with --device cpu", err=True)
             raise typer.Exit(2)
         base = [sys.executable, "-m", "tokenmill.cli", "worker", "--model", model, "--served-name", served,
@@ -50,8 +51,6 @@ def worker_command(
                             ("--num-kv-blocks", num_kv_blocks)):
             if value is not None:
                 base += [flag, str(value)]
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(n)]
         raise typer.Exit(supervise([base + ["--gpu", "0", "--device", "cuda"] for _ in ids],
                                    [{"CUDA_VISIBLE_DEVICES": d} for d in ids]))
     if gpu is not None:

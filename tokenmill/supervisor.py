@@ -1,16 +1,21 @@
-"""A small process supervisor: child processes started as fresh interpreters, watched, restarted
-with backoff when they crash, and stopped in a chosen order.
+"""tokenmill's one process supervisor: child processes started as fresh interpreters, watched,
+restarted with backoff when they crash, and stopped in a chosen order. `tokenmill up` drives it for
+its whole stack; :func:`supervise` drives it for `tokenmill worker --gpus all` (one pinned worker
+per GPU).
 
 Each child runs in a session of its own, so the Ctrl-C a terminal sends to its foreground process
 group reaches only the supervisor, which then stops the children one group at a time. On Linux
-each child also gets SIGTERM if the supervisor itself dies, so nothing is left running.
+each child also gets SIGTERM if the supervisor itself dies, so nothing is left running. Nothing
+here imports torch: a parent of GPU workers must not initialise CUDA.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -19,16 +24,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+@functools.cache
+def _die_with_parent() -> Callable[[], None] | None:
+    """The function a child runs between fork and exec to get SIGTERM when the supervisor dies
+    (Linux; None elsewhere). libc is found here, in the parent: finding it in the child (it runs
+    ldconfig) would keep the child a copy of the parent for longer than it needs to be."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+
+    def in_child() -> None:  # pragma: no cover - runs in the child between fork and exec
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return in_child
 
 
 @dataclass
@@ -37,9 +52,13 @@ class ChildSpec:
 
     name: str
     argv: list[str]
-    log_path: Path
+    log_path: Path | None  # stdout and stderr together; None: the supervisor's own
     env: dict[str, str] = field(default_factory=dict)
     ready: Callable[[], bool] | None = None  # None: ready as soon as it runs
+    # Linux: SIGTERM when the supervisor dies. That takes a hook run between fork and exec, while
+    # the child is still a copy of the supervisor (its environment included); without it the
+    # child is spawned directly (vfork, then exec at once).
+    die_with_parent: bool = True
     stop_timeout_s: float = 20.0  # after the stop signal, before the harder one
     start_timeout_s: float = 300.0  # not ready by then: killed and restarted
 
@@ -66,6 +85,8 @@ class Child:
 
     def log_tail(self, lines: int = 8) -> list[str]:
         """The last lines the child wrote (stdout and stderr go to one log file)."""
+        if self.spec.log_path is None:
+            return []
         try:
             with open(self.spec.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
@@ -99,19 +120,25 @@ class Supervisor:
         """Starts (or restarts) the named child."""
         child = self.children[name]
         spec = child.spec
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(spec.log_path, "ab") as logf:
-            logf.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {spec.name}: "
-                       f"{' '.join(spec.argv)}\n".encode())
-            logf.flush()
-            child.proc = subprocess.Popen(
-                spec.argv, env={**self._base_env, **spec.env}, stdin=subprocess.DEVNULL,
-                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            )
+        if spec.log_path is None:
+            child.proc = self._popen(spec, None)
+        else:
+            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(spec.log_path, "ab") as logf:
+                logf.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {spec.name}: "
+                           f"{' '.join(spec.argv)}\n".encode())
+                logf.flush()
+                child.proc = self._popen(spec, logf)
         child.state = "starting"
         child.started_at = time.monotonic()
         return child
+
+    def _popen(self, spec: ChildSpec, logf: Any) -> subprocess.Popen:
+        output = {} if logf is None else {"stdout": logf, "stderr": subprocess.STDOUT}
+        return subprocess.Popen(
+            spec.argv, env={**self._base_env, **spec.env}, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_die_with_parent() if spec.die_with_parent else None, **output,
+        )
 
     def poll(self) -> None:
         """Reaps exited children, schedules or performs restarts, and checks readiness."""
@@ -218,3 +245,44 @@ def _safe(check: Callable[[], bool]) -> bool:
         return bool(check())
     except Exception:  # noqa: BLE001 - a readiness probe that fails means "not yet"
         return False
+
+
+def supervise(argv_for_gpu: list[list[str]], env_for_gpu: list[dict[str, str]]) -> int:
+    """Runs one worker process per GPU (fresh interpreters, each pinned by its own environment,
+    never forks of a CUDA process; their output goes to this process's), restarting any that die,
+    until SIGINT or SIGTERM. The signal is passed on to every worker, which drains as it does
+    alone (`TOKENMILL_SHUTDOWN_GRACE_S` bounds that); a second signal hurries them (SIGQUIT: the
+    jobs they hold go back to the queue at once, then SIGKILL). Returns 0 once they have stopped,
+    or 1 if every worker kept dying before it ran and was given up on."""
+    sup = Supervisor()
+    names = []
+    for i, (argv, env) in enumerate(zip(argv_for_gpu, env_for_gpu)):
+        name = f"worker-gpu{env.get('CUDA_VISIBLE_DEVICES', i)}"
+        # The worker bounds its own drain; the supervisor waits for it (a second signal hurries).
+        # No parent-death hook, as `--gpus all` always ran them: the hook would run in a forked
+        # copy of this process, which sees every GPU, before the pinned worker starts.
+        sup.add(ChildSpec(name, argv, None, env=env, stop_timeout_s=math.inf, die_with_parent=False))
+        names.append(name)
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    for name in names:
+        sup.start(name)
+    seen = 0
+    code = 0
+    while not received:
+        sup.poll()
+        for event in sup.events[seen:]:
+            log.warning("%s", event)
+        seen = len(sup.events)
+        if len(sup.failed()) == len(names):
+            log.error("every worker was given up on; stopping")
+            code = 1
+            break
+        time.sleep(0.2)
+    sup.stop(names, received[0] if received else signal.SIGTERM, hurry=lambda: len(received) > 1)
+    return code

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenmill.gpus import visible_gpu_ids
 from tokenmill.redis_embedded import RedisUnavailable, embedded_redis, port_is_free
 from tokenmill.settings import Settings
 from tokenmill.supervisor import ChildSpec, Supervisor
@@ -117,11 +118,7 @@ def gpu_ids(opts: UpOptions) -> list[str]:
     """The GPUs to run workers on (CUDA ids as the machine shows them); empty: one CPU worker."""
     if opts.device == "cpu":
         return []
-    from workers.main import visible_gpu_count  # no torch: nvidia-smi or CUDA_VISIBLE_DEVICES
-
-    n = visible_gpu_count()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(n)]
+    ids = visible_gpu_ids()
     if opts.gpus is not None:
         ids = ids[:opts.gpus]
     return ids

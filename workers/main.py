@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -106,59 +105,3 @@ def run_worker(opts: WorkerOptions) -> None:
     code = getattr(worker, "exitcode", 0) or 0
     if code:
         raise SystemExit(code)
-
-
-def visible_gpu_count() -> int:
-    """GPUs this host shows, without importing torch (the parent of pinned workers must not
-    initialise CUDA)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return len([d for d in env.split(",") if d.strip()])
-    import shutil
-    import subprocess
-
-    if not shutil.which("nvidia-smi"):
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
-
-
-def supervise(argv_for_gpu: list[list[str]], env_for_gpu: list[dict[str, str]]) -> int:
-    """Runs one worker process per GPU (fresh interpreters, never forks of a CUDA process),
-    restarting any that die, until SIGINT/SIGTERM, which is passed on to all of them."""
-    import subprocess
-    import time
-
-    procs: list[subprocess.Popen | None] = [None] * len(argv_for_gpu)
-    stopping = False
-
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for p in procs:
-            if p is not None and p.poll() is None:
-                p.send_signal(signum)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    backoff = [1.0] * len(procs)
-    while True:
-        for i, p in enumerate(procs):
-            if stopping:
-                break
-            if p is None or p.poll() is not None:
-                if p is not None:
-                    log.error("worker for GPU %d exited with %s; restarting in %.0fs", i, p.returncode, backoff[i])
-                    time.sleep(backoff[i])
-                    backoff[i] = min(backoff[i] * 2, 60.0)
-                procs[i] = subprocess.Popen(argv_for_gpu[i], env={**os.environ, **env_for_gpu[i]})
-        if stopping:
-            break
-        time.sleep(0.5)
-    for p in procs:
-        if p is not None:
-            p.wait()
-    return 0

@@ -37,7 +37,7 @@ def _lines(path: Path) -> list[list[str]]:
 
 def test_supervisor_pins_one_process_per_gpu_restarts_the_dead_and_passes_sigterm_on(tmp_path):
     log = tmp_path / "children.log"
-    code = ("import sys; from workers.main import supervise; "
+    code = ("import sys; from tokenmill.supervisor import supervise; "
             f"argv = [sys.executable, '-c', {CHILD!r}, {str(log)!r}]; "
             "rc = supervise([argv, argv], [{'CUDA_VISIBLE_DEVICES': '3'}, {'CUDA_VISIBLE_DEVICES': '5'}]); "
             "assert 'torch' not in sys.modules; sys.exit(rc)")
