@@ -68,6 +68,8 @@ class _FileCheck:
                                           f"a batch holds at most {self._max_lines} requests"))
                     return
                 outcome = self._rules.check(number, raw)
+                # Any refused line fails the batch, a refused body too (such an error names its
+                # request's custom_id, should that request one day fail alone).
                 if isinstance(outcome, LineError):
                     self.refuse(outcome)
                 elif not self.errors:
