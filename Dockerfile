@@ -25,6 +25,7 @@ RUN if [ -n "$TORCH_INDEX" ]; then pip install --index-url "$TORCH_INDEX" "$TORC
 COPY pyproject.toml README.md ./
 COPY engine ./engine
 COPY kernels ./kernels
+COPY contract ./contract
 COPY store ./store
 COPY migrations ./migrations
 COPY workers ./workers

@@ -2,7 +2,7 @@
 Batches, usage, admin, health and metrics.
 
 The API process never imports torch or the engine: it validates requests itself, writes jobs to the
-store, and sends their tasks to the workers through the queue (``workers.app``).
+store, and sends their tasks to the workers through the queue (``contract.celery_app``).
 """
 
 from api.app import create_app

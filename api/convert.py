@@ -1,4 +1,4 @@
-"""From validated requests to the ``request`` a job stores (`workers.app.job_payload`), with the
+"""From validated requests to the ``request`` a job stores (`contract.payload.job_payload`), with the
 checks that need the model: it is served, the prompt fits its context, max_tokens fits what is left."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from api.errors import ApiError
 from api.registry import ModelRegistry, PromptError, ServedModel
 from api.schemas.jobs import JobCreate
 from api.schemas.openai import ChatCompletionRequest, CompletionRequest
-from workers.app import job_payload
+from contract.payload import job_payload
 
 ENGINE_DEFAULT_MAX_TOKENS = 16  # engine.SamplingParams.max_tokens
 # OpenAI field -> engine field, for the fields that pass through unchanged

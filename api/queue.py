@@ -1,5 +1,6 @@
 """The API's side of the queue: sending tasks (write-then-enqueue), queue depths and backpressure,
-cancellation, and the workers' live figures. Only `workers.app` is used: no torch, no engine."""
+cancellation, and the workers' live figures. What it shares with the workers is `contract`'s: no
+torch, no engine."""
 
 from __future__ import annotations
 
@@ -14,23 +15,11 @@ from typing import Any
 import redis
 from celery import Celery
 
-from workers.app import (
-    CANCEL_CHANNEL,
-    PRIORITY_BULK,
-    PRIORITY_INTERACTIVE,
-    PRIORITY_STEPS,
-    TASK_GENERATE,
-    TASK_GENERATE_BULK,
-    QueueConfig,
-    make_celery,
-    queue_for,
-    send_bulk,
-    send_job,
-)
+from contract.celery_app import QueueConfig, job_task, make_celery, send_bulk, send_job
+from contract.queues import PRIORITY_BULK, TASK_GENERATE, TASK_GENERATE_BULK, priority_lists, queue_for
+from contract.redis_keys import CANCEL_CHANNEL, WORKER_STATS_PATTERN, worker_of
 
 log = logging.getLogger(__name__)
-WORKER_KEYS = "tokenmill:worker:*"  # WORKER_STATS_KEY with any hostname
-
 
 UNACKED_KEY = "unacked"  # kombu's Redis transport: tasks delivered to a worker, not yet acknowledged
 # Take the lock if it is free, or renew it if the caller's token holds it.
@@ -84,11 +73,6 @@ class QueueDepth:
     bulk: int
 
 
-def priority_lists(queue: str) -> list[tuple[int, str]]:
-    """The Redis lists kombu keeps for a queue's priority steps: ``queue`` for 0, ``queue:N`` for N."""
-    return [(p, queue if p == 0 else f"{queue}:{p}") for p in PRIORITY_STEPS]
-
-
 class Dispatcher:
     """Sends job tasks and reads queue state, for one API process."""
 
@@ -123,8 +107,8 @@ class Dispatcher:
         (kombu's publish batch: the tasks and their task-sent events go out as one pipeline);
         returns how many were sent: all, or 0 when Redis refused.
 
-        The task is exactly `workers.app.send_job`'s (name, arguments, id, queue, priority): only
-        the producer and the round trip are shared. A pipeline cut short may have delivered some
+        Each task is `contract.celery_app.job_task`'s, as `send_job` sends it: only the producer
+        and the round trip are shared. A pipeline cut short may have delivered some
         of them; they count as unsent, and the reconciler, which looks in Redis first, sends only
         the ones that are missing.
         """
@@ -132,8 +116,7 @@ class Dispatcher:
         try:
             with self.celery.producer_or_acquire() as producer, producer.batch(max_size=2 * len(jobs) + 8):
                 for job_id, model, bulk in jobs:
-                    self.celery.send_task(TASK_GENERATE, args=[job_id, now], task_id=job_id, queue=queue_for(model),
-                                          priority=PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE, producer=producer)
+                    self.celery.send_task(**job_task(job_id, model, bulk=bulk, enqueued_at=now), producer=producer)
         except Exception as exc:
             log.warning("Redis refused a group of %d tasks: %r", len(jobs), exc)
             return 0
@@ -187,12 +170,12 @@ class Dispatcher:
     def workers(self) -> list[dict[str, Any]]:
         """The live workers' figures (each worker refreshes its hash every second, with a TTL)."""
         out = []
-        for key in self.redis.scan_iter(match=WORKER_KEYS, count=100):
+        for key in self.redis.scan_iter(match=WORKER_STATS_PATTERN, count=100):
             fields = self.redis.hgetall(key)
             if not fields:
                 continue
             row: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items()}
-            row["hostname"] = key.decode().split(":", 2)[-1]
+            row["hostname"] = worker_of(key)
             out.append(row)
         return out
 

@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from api.queue import Dispatcher, QueueUnavailable
+from contract.redis_keys import WORKER_STATS_TTL_S
 from store import Store
 from store.sql import utcnow
 from store.types import OpenJob
-from workers.app import WORKER_STATS_TTL_S
 
 log = logging.getLogger(__name__)
 

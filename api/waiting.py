@@ -16,8 +16,8 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.errors import ApiError
 from api.state import ApiState
+from contract.redis_keys import STREAM_CHANNEL
 from store.models import Job as JobRow
-from workers.app import STREAM_CHANNEL
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from sqlalchemy import create_engine, text
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from contract.queues import queue_for
 from store import Store
 from store.migrate import upgrade
-from workers.app import queue_for
 
 MODEL = "smollm2-135m-instruct"
 

@@ -63,13 +63,14 @@ def main() -> None:
     import redis
     from sqlalchemy import create_engine, text
 
+    from contract.celery_app import QueueConfig, make_celery, send_job
+    from contract.payload import job_payload
     from engine.loader import load_hf_config
     from store import Store
     from store.migrate import upgrade
     from store.types import JobSpec
     from tokenmill.builtin_model import prepare_model
     from tokenmill.settings import Settings
-    from workers.app import QueueConfig, job_payload, make_celery, send_job
 
     model_dir = prepare_model(args.model, Settings.from_env().model_cache_dir)  # fetched once if built-in
     vocab = load_hf_config(model_dir).vocab_size

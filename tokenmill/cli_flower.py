@@ -41,8 +41,8 @@ def flower_command(
     from tornado.options import options
 
     import flower.command  # noqa: F401 - defines Flower's options before they are set below
+    from contract.celery_app import QueueConfig, declare_queues, make_celery
     from tokenmill.cli_api import served_models
-    from workers.app import QueueConfig, declare_queues, make_celery
     from workers.flower_format import format_task
 
     if not no_auth:

@@ -393,19 +393,20 @@ class Stack:
 
     def status(self) -> dict[str, Any]:
         """Live figures: children, workers' engine figures, queue depths, job counts."""
-        from workers.app import PRIORITY_BULK, PRIORITY_STEPS, queue_for
+        from contract.queues import PRIORITY_BULK, priority_lists, queue_for
+        from contract.redis_keys import WORKER_STATS_PATTERN, worker_of
 
         out: dict[str, Any] = {"children": [], "workers": [], "queue": None, "jobs": None}
         for c in self.sup.children.values():
             out["children"].append({"name": c.spec.name, "state": c.state, "pid": c.pid, "restarts": c.restarts})
         try:
-            for key in self._redis.scan_iter(match="tokenmill:worker:*", count=100):
+            for key in self._redis.scan_iter(match=WORKER_STATS_PATTERN, count=100):
                 fields = {k.decode(): v.decode() for k, v in self._redis.hgetall(key).items()}
                 if fields:
-                    fields["hostname"] = key.decode().split(":", 2)[-1]
+                    fields["hostname"] = worker_of(key)
                     out["workers"].append(fields)
             q = queue_for(self.opts.served_name)
-            names = [(p, q if p == 0 else f"{q}:{p}") for p in PRIORITY_STEPS]  # kombu's priority lists
+            names = priority_lists(q)
             pipe = self._redis.pipeline(transaction=False)
             for _, n in names:
                 pipe.llen(n)

@@ -1,5 +1,5 @@
 """tokenmill's workers: where the Redis queue meets the engine.
 
-`workers.app` (the Celery app, task names, queue names, payload shapes) imports neither torch nor
-the engine, so the API can send tasks with it. Everything else here runs inside a worker process.
+Everything here runs inside a worker process. What the workers share with whoever sends them work
+(the Celery app, task and queue names, the job payload, the Redis channels) is in `contract`.
 """

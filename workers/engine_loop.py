@@ -18,12 +18,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from engine import Engine, EngineStats, RequestOutput, SamplingParams
 from workers.faults import InjectedFault, has_marker
 from workers.path_timings import PathTimings
 
 log = logging.getLogger(__name__)
 
-OnDelta = Callable[[str, Any], None]  # (request id, RequestOutput) for each step that changed it
+OnDelta = Callable[[str, RequestOutput], None]  # (request id, output) for each step that changed it
 
 
 class EngineCrashed(RuntimeError):
@@ -37,9 +38,9 @@ class GivenBack(Exception):
 @dataclass
 class _Add:
     request_id: str
-    prompt: Any
-    messages: Any
-    params: Any
+    prompt: str | list[int] | None
+    messages: list[dict[str, Any]] | None
+    params: SamplingParams | None
     priority: int
     future: Future
     on_delta: OnDelta | None
@@ -58,7 +59,7 @@ class _GiveBack:
 class EngineLoop:
     """Owns an `engine.Engine` and steps it on a background thread."""
 
-    def __init__(self, engine: Any, *, on_stats: Callable[[Any, float], None] | None = None,
+    def __init__(self, engine: Engine, *, on_stats: Callable[[EngineStats, float], None] | None = None,
                  on_crash: Callable[[BaseException, list[str]], None] | None = None,
                  stats_interval_s: float = 1.0, fault_marker: str = "",
                  timings: PathTimings | None = None) -> None:
@@ -96,7 +97,8 @@ class EngineLoop:
     def num_pending(self) -> int:
         return len(self._pending)
 
-    def submit(self, request_id: str, *, prompt: Any = None, messages: Any = None, params: Any = None,
+    def submit(self, request_id: str, *, prompt: str | list[int] | None = None,
+               messages: list[dict[str, Any]] | None = None, params: SamplingParams | None = None,
                priority: int = 0, on_delta: OnDelta | None = None) -> Future:
         """Hands a request to the loop; the future resolves to its final RequestOutput, or raises
         ValueError (the engine rejected it), EngineCrashed or GivenBack."""
@@ -168,7 +170,7 @@ class EngineLoop:
             if not fut.done():
                 fut.set_exception(GivenBack("the worker is stopping"))
 
-    def _resolve(self, out: Any) -> None:
+    def _resolve(self, out: RequestOutput) -> None:
         fut, _ = self._pending.pop(out.request_id, (None, None))
         if fut is not None and not fut.done():
             fut.set_result(out)

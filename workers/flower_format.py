@@ -16,18 +16,17 @@ import ast
 import re
 from typing import Any
 
-from workers.app import TASK_GENERATE, TASK_GENERATE_BULK
+from contract.queues import QUEUE_PREFIX, TASK_GENERATE, TASK_GENERATE_BULK
 
 MAX_SHOWN = 200  # characters of any other task's arguments or result
 _JOB_ID = re.compile(r"['\"]([A-Za-z0-9_\-]{1,80})['\"]")
-_QUEUE_PREFIX = "tokenmill."
 
 
 def _model(task: Any) -> str | None:
     for attr in ("routing_key", "queue"):
         value = getattr(task, attr, None)
-        if isinstance(value, str) and value.startswith(_QUEUE_PREFIX):
-            return value[len(_QUEUE_PREFIX):]
+        if isinstance(value, str) and value.startswith(QUEUE_PREFIX):
+            return value[len(QUEUE_PREFIX):]
     return None
 
 

@@ -63,9 +63,10 @@ def run_worker(opts: WorkerOptions) -> None:
     """Loads the engine, then runs the Celery worker until it is told to stop."""
     from celery import signals
 
+    from contract.celery_app import QueueConfig, declare_queues, make_celery
+    from contract.queues import queue_for
     from engine import Engine
     from store.facade import Store
-    from workers.app import QueueConfig, declare_queues, make_celery, queue_for
     from workers.engine_events import install_engine_figures
     from workers.runtime import WorkerConfig, WorkerRuntime
     from workers.tasks import register_tasks

@@ -14,8 +14,9 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any
 
+from store import Store
+from store.types import FinishedJob
 from workers.path_timings import PathTimings
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 class ResultWriter:
     """A background thread that records `store.types.FinishedJob`s in batches."""
 
-    def __init__(self, store: Any, *, max_batch: int = 512, max_wait_s: float = 0.05,
+    def __init__(self, store: Store, *, max_batch: int = 512, max_wait_s: float = 0.05,
                  max_backoff_s: float = 5.0, timings: PathTimings | None = None) -> None:
         self.store = store
         self.timings = timings or PathTimings()
@@ -32,7 +33,7 @@ class ResultWriter:
         self.max_wait_s = max_wait_s
         self.max_backoff_s = max_backoff_s
         # (finished job, its future, time.monotonic() at submit)
-        self._inbox: queue.SimpleQueue[tuple[Any, Future, float] | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[FinishedJob, Future, float] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
         self._stopping = False
         self.batches_written = 0
@@ -48,14 +49,14 @@ class ResultWriter:
         self._inbox.put(None)
         self._thread.join(timeout)
 
-    def submit(self, finished: Any) -> Future:
+    def submit(self, finished: FinishedJob) -> Future:
         """Queues one finished job; the future resolves to True once it is stored (False when the
         job already had a result: a redelivered task)."""
         fut: Future = Future()
         self._inbox.put((finished, fut, time.monotonic()))
         return fut
 
-    def _gather(self) -> list[tuple[Any, Future, float]]:
+    def _gather(self) -> list[tuple[FinishedJob, Future, float]]:
         try:
             first = self._inbox.get(timeout=0.5)
         except queue.Empty:
@@ -81,7 +82,7 @@ class ResultWriter:
                 continue
             self._write(items)
 
-    def _write(self, items: list[tuple[Any, Future, float]]) -> None:
+    def _write(self, items: list[tuple[FinishedJob, Future, float]]) -> None:
         backoff = 0.1
         while True:
             try:
@@ -107,7 +108,7 @@ class ResultWriter:
             if not fut.done():
                 fut.set_result(finished.job_id in recorded)
 
-    def _isolate(self, items: list[tuple[Any, Future, float]], error: Exception) -> None:
+    def _isolate(self, items: list[tuple[FinishedJob, Future, float]], error: Exception) -> None:
         if len(items) > 1:
             half = len(items) // 2
             self._write(items[:half])

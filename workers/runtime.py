@@ -16,7 +16,9 @@ from typing import Any
 
 import redis
 
-from workers.app import CANCEL_CHANNEL, STREAM_CHANNEL, WORKER_STATS_KEY, WORKER_STATS_TTL_S
+from contract.redis_keys import CANCEL_CHANNEL, STREAM_CHANNEL, WORKER_STATS_KEY, WORKER_STATS_TTL_S
+from engine import Engine, EngineStats, RequestOutput
+from store import Store
 from workers.engine_loop import EngineLoop, GivenBack
 from workers.path_timings import PathTimings
 from workers.result_writer import ResultWriter
@@ -57,7 +59,7 @@ class _Held:
 class WorkerRuntime:
     """The long-lived parts of a worker, shared by all of its task threads."""
 
-    def __init__(self, config: WorkerConfig, engine: Any, store: Any) -> None:
+    def __init__(self, config: WorkerConfig, engine: Engine, store: Store) -> None:
         self.config = config
         self.store = store
         self.redis = redis.Redis.from_url(config.redis_url)
@@ -163,14 +165,14 @@ class WorkerRuntime:
         self.loop.give_back_all()
 
     # -- side channels -----------------------------------------------------------------------
-    def publish_delta(self, job_id: str, out: Any) -> None:
+    def publish_delta(self, job_id: str, out: RequestOutput) -> None:
         """Streams a job's new text on its channel (only for jobs that asked to stream)."""
         c = out.outputs[0]
         message = {"text": c.delta_text, "token_ids": c.delta_token_ids, "finished": out.finished,
                    "finish_reason": c.finish_reason}
         self.redis.publish(STREAM_CHANNEL.format(job_id=job_id), json.dumps(message))
 
-    def _publish_stats(self, stats: Any, tokens_per_s: float) -> None:
+    def _publish_stats(self, stats: EngineStats, tokens_per_s: float) -> None:
         key = WORKER_STATS_KEY.format(hostname=self.config.hostname)
         fields = {**asdict(stats), "tokens_per_s": round(tokens_per_s, 1),
                   "model": self.config.served_model, "device": self.config.device_label,

@@ -21,9 +21,10 @@ from typing import Any, Callable
 from celery import Celery
 from celery.exceptions import Reject
 
+from contract.queues import TASK_GENERATE, TASK_GENERATE_BULK
+from contract.redis_keys import STREAM_CHANNEL
 from engine import SamplingParams
 from store.types import FinishedJob, JobClaim, JobFailure
-from workers.app import STREAM_CHANNEL, TASK_GENERATE, TASK_GENERATE_BULK
 from workers.engine_loop import EngineCrashed, GivenBack
 from workers.path_timings import timed_request_class
 from workers.result_writer import ResultRejected

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from contract.celery_app import QueueConfig, make_celery
 from pg_helpers import migrated_postgres
 from relworker import REDIS_URL
 from store import Store
 from worker_process import WorkerProcess
-from workers.app import QueueConfig, make_celery
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from contract.celery_app import send_job
+from contract.payload import job_payload
 from store import Store
 from store.models import Job, Result, Usage
 from store.types import JobSpec
-from workers.app import job_payload, send_job
 
 REDIS_URL = os.environ.get("TOKENMILL_TEST_RELWORKER_REDIS_URL", "redis://127.0.0.1:6379/11")
 MODEL = "tiny"

@@ -367,7 +367,8 @@ class _CreatesAFile:
 
 
 def test_a_pickled_task_is_refused_by_the_worker_and_never_runs(relsec_stack: Stack, tmp_path: Path) -> None:  # noqa: F811
-    from workers.app import TASK_GENERATE, QueueConfig, make_celery, queue_for
+    from contract.celery_app import QueueConfig, make_celery
+    from contract.queues import TASK_GENERATE, queue_for
 
     s = relsec_stack
     marker = tmp_path / f"pwned-{uuid.uuid4().hex}"

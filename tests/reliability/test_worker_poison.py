@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import random
 
+from contract.payload import job_payload
 from relworker import assert_each_stored_once, create, greedy, jobs_by_id, payloads, rows_per_job, send, wait_final
 from store.models import Usage
-from workers.app import job_payload
 
 MARKER = "tokenmill-test-poison-7f3a"
 MAX_ATTEMPTS = 2  # one run alone less than the default (3), to keep the test short

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from contract.celery_app import QueueConfig, make_celery
 from pg_helpers import migrated_postgres
 from store import Store
 from worker_process import WorkerProcess
-from workers.app import QueueConfig, make_celery
 
 REDIS_URL = os.environ.get("TOKENMILL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 

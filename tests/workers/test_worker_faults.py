@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from workers.app import job_payload
+from contract.payload import job_payload
 
 from test_worker_jobs import MODEL, greedy, rand_prompt, submit, wait_all
 

@@ -9,9 +9,11 @@ import time
 import pytest
 from sqlalchemy import func, select
 
+from contract.celery_app import send_bulk, send_job
+from contract.payload import job_payload
+from contract.redis_keys import CANCEL_CHANNEL
 from store.models import Result, Usage
 from store.types import JobSpec
-from workers.app import CANCEL_CHANNEL, job_payload, send_bulk, send_job
 
 MODEL = "tiny"
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}

@@ -1,18 +1,11 @@
-"""The Celery app and the contract between whoever sends work and the workers that run it.
+"""The tokenmill Celery app, the same for whoever sends work and for the workers that run it, and
+the two ways to send a job's task (names, queues and priorities are in `contract.queues`).
 
-This module is imported by the API: it must stay free of torch and the engine.
-
-- One queue per model (`queue_for(model)`); inside a queue, Redis priority steps put interactive
-  work (priority 0) ahead of bulk work (priority 9): a worker always drains the interactive list
-  first, so interactive jobs overtake a bulk backlog.
-- A task's id is the job id (the bulk task's id is its first job's id plus a suffix), its arguments
-  are ids and a timestamp, never prompts: the job itself is read from the store.
-- JSON only (pickle refused), late acknowledgement, a lost worker's tasks are redelivered.
+JSON only (pickle refused), late acknowledgement, a lost worker's tasks are redelivered.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,19 +13,17 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from workers.redis_transport import TRANSPORT as REDIS_TRANSPORT
-
-TASK_GENERATE = "tokenmill.generate"  # args: [job_id, enqueued_at (unix seconds)]
-TASK_GENERATE_BULK = "tokenmill.generate_bulk"  # args: [[job_id, ...], enqueued_at]
-PRIORITY_INTERACTIVE = 0
-PRIORITY_BULK = 9
-PRIORITY_STEPS = list(range(10))
-BULK_CHUNK = 64  # jobs per bulk task
-
-STREAM_CHANNEL = "tokenmill:stream:{job_id}"  # pub/sub: a running job's new text, then "done"
-CANCEL_CHANNEL = "tokenmill:cancel"  # pub/sub: ids of jobs to abort wherever they run
-WORKER_STATS_KEY = "tokenmill:worker:{hostname}"  # hash of live engine figures, with a TTL
-WORKER_STATS_TTL_S = 15
+from contract.queues import (
+    BULK_CHUNK,
+    PRIORITY_BULK,
+    PRIORITY_INTERACTIVE,
+    PRIORITY_SEP,
+    PRIORITY_STEPS,
+    TASK_GENERATE,
+    TASK_GENERATE_BULK,
+    queue_for,
+)
+from contract.redis_transport import TRANSPORT as REDIS_TRANSPORT
 
 
 @dataclass(frozen=True)
@@ -42,26 +33,6 @@ class QueueConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     visibility_timeout_s: int = 3600  # longer than the longest job allowed
     prefetch_multiplier: int = 1
-
-
-def queue_for(model: str) -> str:
-    """The queue that holds a model's jobs: `tokenmill.<model name, safe characters only>`."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.strip("/").split("/")[-1] if "/" in model else model)
-    return f"tokenmill.{safe}"
-
-
-def job_payload(*, prompt: str | list[int] | None = None, messages: list[dict[str, Any]] | None = None,
-                params: dict[str, Any] | None = None, stream: bool = False) -> dict[str, Any]:
-    """The `request` a job stores: exactly one of prompt / messages, sampling params (fields of
-    `engine.SamplingParams`, already validated by the sender), and whether to stream its text."""
-    if (prompt is None) == (messages is None):
-        raise ValueError("a job needs exactly one of prompt or messages")
-    body: dict[str, Any] = {"params": dict(params or {}), "stream": bool(stream)}
-    if prompt is not None:
-        body["prompt"] = prompt
-    else:
-        body["messages"] = messages
-    return body
 
 
 def make_celery(config: QueueConfig | None = None, name: str = "tokenmill") -> Celery:
@@ -91,7 +62,7 @@ def make_celery(config: QueueConfig | None = None, name: str = "tokenmill") -> C
             "unacked_restore_throttle": 1,
             "priority_steps": PRIORITY_STEPS,
             "queue_order_strategy": "priority",
-            "sep": ":",
+            "sep": PRIORITY_SEP,
         },
         task_default_priority=PRIORITY_INTERACTIVE,
         worker_hijack_root_logger=False,
@@ -100,11 +71,17 @@ def make_celery(config: QueueConfig | None = None, name: str = "tokenmill") -> C
     return app
 
 
+def job_task(job_id: str, model: str, *, bulk: bool = False, enqueued_at: float | None = None) -> dict[str, Any]:
+    """The task of one job, as `Celery.send_task` arguments: its name, arguments (the job id and
+    when it was enqueued), id (the job id), queue and priority."""
+    return {"name": TASK_GENERATE, "args": [job_id, enqueued_at or time.time()], "task_id": job_id,
+            "queue": queue_for(model), "priority": PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE}
+
+
 def send_job(app: Celery, job_id: str, model: str, *, bulk: bool = False,
              enqueued_at: float | None = None) -> None:
     """Enqueues one job (its task id is the job id)."""
-    app.send_task(TASK_GENERATE, args=[job_id, enqueued_at or time.time()], task_id=job_id,
-                  queue=queue_for(model), priority=PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE)
+    app.send_task(**job_task(job_id, model, bulk=bulk, enqueued_at=enqueued_at))
 
 
 def send_bulk(app: Celery, job_ids: list[str], model: str, *, enqueued_at: float | None = None) -> None:

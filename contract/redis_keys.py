@@ -1,0 +1,17 @@
+"""The Redis names the API and the workers share besides the queues: token streams, cancellation,
+and each worker's live engine figures."""
+
+from __future__ import annotations
+
+STREAM_CHANNEL = "tokenmill:stream:{job_id}"  # pub/sub: a running job's new text, then "done"
+CANCEL_CHANNEL = "tokenmill:cancel"  # pub/sub: ids of jobs to abort wherever they run
+WORKER_STATS_KEY = "tokenmill:worker:{hostname}"  # hash of live engine figures, with a TTL
+WORKER_STATS_PATTERN = WORKER_STATS_KEY.format(hostname="*")  # every worker's hash (for SCAN)
+# A worker refreshes its hash every second; one not refreshed for this long is gone.
+WORKER_STATS_TTL_S = 15
+
+
+def worker_of(stats_key: str | bytes) -> str:
+    """The worker hostname in a `WORKER_STATS_KEY` (hostnames may hold colons themselves)."""
+    key = stats_key.decode() if isinstance(stats_key, bytes) else stats_key
+    return key.split(":", 2)[-1]
