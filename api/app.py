@@ -41,23 +41,24 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
     registry = ModelRegistry(config.models)
     metrics = RequestMetrics()
     state = ApiState(config=config, store=the_store, dispatcher=dispatcher, registry=registry,
-                     submitter=Submitter(the_store, dispatcher), metrics=metrics)
-    state.batches = BatchRunner(config, the_store, dispatcher, registry)
-    state.reconciler = Reconciler(the_store, dispatcher, interval_s=config.reconcile_interval_s,
-                                  min_age_s=config.reconcile_min_age_s)
+                     submitter=Submitter(the_store, dispatcher),
+                     batches=BatchRunner(config, the_store, dispatcher, registry),
+                     reconciler=Reconciler(the_store, dispatcher, interval_s=config.reconcile_interval_s,
+                                           min_age_s=config.reconcile_min_age_s),
+                     metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.aioredis = aioredis.Redis.from_url(config.redis_url, socket_connect_timeout=2)
         state.submitter.start()
-        state.batches.start()  # type: ignore[attr-defined]
-        state.reconciler.start()  # type: ignore[attr-defined]
+        state.batches.start()
+        state.reconciler.start()
         try:
             yield
         finally:
             await state.submitter.stop()
-            state.reconciler.stop()  # type: ignore[attr-defined]
-            state.batches.stop()  # type: ignore[attr-defined]
+            state.reconciler.stop()
+            state.batches.stop()
             await app.state.aioredis.aclose()
             dispatcher.close()
             if own_store:

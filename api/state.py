@@ -1,5 +1,6 @@
 """What one API process holds: the store, the queue dispatcher, the model registry, the submitter,
-the batch runner and the request metrics. Built by `create_app` and reached through `get_state`."""
+the batch runner, the reconciler and the request metrics. Built by `create_app` and reached through
+`get_state`."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from api.batch_runner import BatchRunner
 from api.config import ApiConfig
 from api.metrics import RequestMetrics
 from api.queue import Dispatcher
+from api.reconciler import Reconciler
 from api.registry import ModelRegistry
 from api.submit import Submitter
 from store import Store
@@ -24,9 +27,9 @@ class ApiState:
     dispatcher: Dispatcher
     registry: ModelRegistry
     submitter: Submitter
+    batches: BatchRunner
+    reconciler: Reconciler
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
-    batches: object = None  # api.batch_runner.BatchRunner (set by create_app)
-    reconciler: object = None  # api.reconciler.Reconciler (set by create_app)
 
 
 def get_state(request: Request) -> ApiState:

@@ -7,7 +7,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 
 from api.auth import Principal, tenant
-from api.batch_runner import BatchRunner
 from api.errors import ApiError
 from api.formats import unix
 from api.schemas.batches import Batch, BatchCreate, BatchList
@@ -43,11 +42,6 @@ def batch_object(state: ApiState, b: Any) -> dict[str, Any]:
     }
 
 
-def _runner(state: ApiState) -> BatchRunner:
-    assert isinstance(state.batches, BatchRunner)
-    return state.batches
-
-
 @router.post("", response_model=Batch, summary="Create a batch",
              responses=responses(BAD, AUTH, MISSING, TOO_LARGE, MEDIA, UNAVAILABLE))
 def create_batch(body: BatchCreate, who: Principal = Depends(tenant), state: ApiState = Depends(get_state)) -> Any:
@@ -63,7 +57,7 @@ def create_batch(body: BatchCreate, who: Principal = Depends(tenant), state: Api
         raise ApiError(404, str(exc), param="input_file_id", code="file_not_found") from None
     except ValueError as exc:
         raise ApiError(400, str(exc), param="input_file_id", code="invalid_value") from None
-    _runner(state).schedule_ingest(who.tenant_id, batch.id)
+    state.batches.schedule_ingest(who.tenant_id, batch.id)
     return batch_object(state, batch)
 
 
@@ -71,7 +65,7 @@ def create_batch(body: BatchCreate, who: Principal = Depends(tenant), state: Api
 def get_batch(batch_id: str, who: Principal = Depends(tenant), state: ApiState = Depends(get_state)) -> Any:
     """The batch with live counts; reading it also moves it along (e.g. to ``finalizing``)."""
     assert who.tenant_id is not None
-    batch = _runner(state).refresh(who.tenant_id, batch_id)
+    batch = state.batches.refresh(who.tenant_id, batch_id)
     if batch is None:
         raise ApiError(404, f"no batch {batch_id!r}", code="batch_not_found")
     return batch_object(state, batch)
@@ -102,6 +96,6 @@ def cancel_batch(batch_id: str, who: Principal = Depends(tenant), state: ApiStat
         batch = state.store.batches.cancel(who.tenant_id, batch_id)
     except NotFound:
         raise ApiError(404, f"no batch {batch_id!r}", code="batch_not_found") from None
-    if _runner(state).needs_files(batch):
-        _runner(state).schedule_finalize(who.tenant_id, batch_id)
+    if state.batches.needs_files(batch):
+        state.batches.schedule_finalize(who.tenant_id, batch_id)
     return batch_object(state, batch)

@@ -74,7 +74,7 @@ def metrics(state: ApiState = Depends(get_state)) -> PlainTextResponse:
     """Requests (this process), jobs by status, queue depth per queue, tokens in and out per model,
     and the workers' engine gauges. Parts whose source is down are left out."""
     lines = state.metrics.lines()
-    resent = dict(getattr(state.reconciler, "resent_total", {}) or {})
+    resent = dict(state.reconciler.resent_total)
     lines += family("tokenmill_api_reconciler_resent_total", "counter",
                     "Jobs whose task Redis had lost, sent again by this API process's reconciler.",
                     [({"status": s}, resent.get(s, 0)) for s in ("queued", "running")])
