@@ -11,8 +11,8 @@ from api.registry import ModelRegistry, PromptError, ServedModel
 from api.schemas.jobs import JobCreate
 from api.schemas.openai import ChatCompletionRequest, CompletionRequest
 from contract.payload import job_payload
+from contract.sampling import DEFAULT_MAX_TOKENS, min_tokens_problem
 
-ENGINE_DEFAULT_MAX_TOKENS = 16  # engine.SamplingParams.max_tokens
 # OpenAI field -> engine field, for the fields that pass through unchanged
 _PASSTHROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k", "min_p",
                 "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
@@ -88,7 +88,7 @@ def prepare_job(req: JobCreate, registry: ModelRegistry) -> Prepared:
     param = "messages" if messages is not None else "prompt"
     prompt_tokens = _count(model, req.prompt, messages, param)
     params = req.params.engine_dict()
-    max_tokens = fit_max_tokens(model, prompt_tokens, params.get("max_tokens"), ENGINE_DEFAULT_MAX_TOKENS,
+    max_tokens = fit_max_tokens(model, prompt_tokens, params.get("max_tokens"), DEFAULT_MAX_TOKENS,
                                 param="params.max_tokens", prompt_param=param)
     params["max_tokens"] = max_tokens
     _check_min_tokens(params, "params.min_tokens")
@@ -97,9 +97,11 @@ def prepare_job(req: JobCreate, registry: ModelRegistry) -> Prepared:
 
 
 def _check_min_tokens(params: dict[str, Any], param: str) -> None:
-    if params.get("min_tokens", 0) > params["max_tokens"]:
-        raise ApiError(400, f"min_tokens ({params['min_tokens']}) must not exceed max_tokens ({params['max_tokens']})",
-                       param=param, code="invalid_value")
+    # Again once max_tokens is known: a default max_tokens, or one the context shortened, may be
+    # below a min_tokens the request model could not compare it with.
+    problem = min_tokens_problem(params.get("min_tokens", 0), params["max_tokens"])
+    if problem:
+        raise ApiError(400, problem, param=param, code="invalid_value")
 
 
 def _common_params(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
@@ -121,7 +123,7 @@ def prepare_completion(req: CompletionRequest, registry: ModelRegistry, *, strea
         prompt = prompt[0]  # a list holding one prompt
     prompt_tokens = _count(model, prompt, None, "prompt")
     params = _common_params(req)
-    params["max_tokens"] = fit_max_tokens(model, prompt_tokens, req.max_tokens, ENGINE_DEFAULT_MAX_TOKENS,
+    params["max_tokens"] = fit_max_tokens(model, prompt_tokens, req.max_tokens, DEFAULT_MAX_TOKENS,
                                           param="max_tokens", prompt_param="prompt")
     _check_min_tokens(params, "min_tokens")
     if req.logprobs is not None:

@@ -9,10 +9,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, fie
 
 from api.schemas.common import no_nul
 from api.schemas.messages import Messages
-from api.schemas.sampling import SamplingParams
+from api.schemas.sampling import SamplingParams, TokenId
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
-TokenIds = Annotated[list[Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]], Field(min_length=1, max_length=1_000_000)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=1_000_000)]
 
 
 class JobCreate(BaseModel):

@@ -13,17 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from api.schemas.messages import Messages
-from api.schemas.sampling import (
-    MAX_LOGPROBS,
-    MIN_REPETITION_PENALTY,
-    SEED_MAX,
-    SEED_MIN,
-    Number,
-    StopString,
-    check_stop_count,
-)
-
-TokenId = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
+from api.schemas.sampling import Number, StopString, StopTokenIds, TokenId, bounds, check_stop_count
 PromptText = Annotated[str, Field(min_length=1, max_length=10_000_000)]
 PromptIds = Annotated[list[TokenId], Field(min_length=1, max_length=1_000_000)]
 
@@ -42,25 +32,25 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=200)
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: Number | None = Field(None, ge=0, le=100)
-    top_p: Number | None = Field(None, gt=0, le=1)
+    max_tokens: StrictInt | None = Field(None, **bounds("max_tokens"))
+    temperature: Number | None = Field(None, **bounds("temperature"))
+    top_p: Number | None = Field(None, **bounds("top_p"))
     n: StrictInt | None = Field(None, ge=1, le=128)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     stop: StopString | list[StopString] | None = None
-    presence_penalty: Number | None = Field(None, ge=-2, le=2)
-    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    presence_penalty: Number | None = Field(None, **bounds("presence_penalty"))
+    frequency_penalty: Number | None = Field(None, **bounds("frequency_penalty"))
     logit_bias: dict[str, Number] | None = None
-    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    seed: StrictInt | None = Field(None, **bounds("seed"))
     user: str | None = Field(None, max_length=256)
     # vLLM-style extras
-    top_k: StrictInt | None = Field(None, ge=0, le=1_000_000)
-    min_p: Number | None = Field(None, ge=0, le=1)
-    repetition_penalty: Number | None = Field(None, ge=MIN_REPETITION_PENALTY, le=100)
-    min_tokens: StrictInt | None = Field(None, ge=0)
+    top_k: StrictInt | None = Field(None, **bounds("top_k"))
+    min_p: Number | None = Field(None, **bounds("min_p"))
+    repetition_penalty: Number | None = Field(None, **bounds("repetition_penalty"))
+    min_tokens: StrictInt | None = Field(None, **bounds("min_tokens"))
     ignore_eos: StrictBool | None = None
-    stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
+    stop_token_ids: StopTokenIds | None = None
     skip_special_tokens: StrictBool | None = None
     priority: StrictInt | None = Field(None, ge=0, le=9, description="inside the engine, lower runs first")
 
@@ -90,7 +80,7 @@ class CompletionRequest(_SamplingFields):
     prompt: PromptText | PromptIds | Annotated[list[PromptText], Field(min_length=1, max_length=1)] | Annotated[
         list[PromptIds], Field(min_length=1, max_length=1)
     ] = Field(description="one prompt: text or token ids (a list of one is accepted too)")
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: StrictInt | None = Field(None, **bounds("logprobs"))
     echo: StrictBool | None = False
     best_of: StrictInt | None = Field(None, ge=1, le=1)
     suffix: str | None = Field(None, max_length=0, description="not supported: leave it out")
@@ -115,9 +105,9 @@ class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: Messages
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, **bounds("max_tokens"))
     logprobs: StrictBool | None = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: StrictInt | None = Field(None, **bounds("logprobs"))
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: leave it out or send an empty list")
     tool_choice: Literal["none"] | None = None

@@ -1,9 +1,10 @@
-"""Sampling parameters as the API accepts them: the rules of `engine.SamplingParams`, replicated
-here because the API never imports the engine (a test keeps the two in agreement)."""
+"""Sampling parameters as the API accepts them. Every bound, default and cross-field check is
+`contract.sampling`'s, the engine's own rules: this module only says them in pydantic's terms, so
+a bad value is a 400 naming its field before a job is stored."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -17,20 +18,51 @@ from pydantic import (
     field_validator,
 )
 
-MAX_LOGPROBS = 20  # engine.sampling_params.MAX_LOGPROBS
-MIN_REPETITION_PENALTY = 0.01  # engine.sampling_params.MIN_REPETITION_PENALTY
-MAX_STOP = 16
+from contract.sampling import (
+    BOUNDS,
+    DEFAULT_MAX_TOKENS,
+    MAX_STOP,
+    MAX_STOP_LENGTH,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOKEN_ID,
+    SamplingFields,
+    min_tokens_problem,
+    stop_count_problem,
+)
+
+Number = StrictFloat | StrictInt
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_LENGTH)]
+TokenId = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKEN_ID)]
+StopTokenIds = Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]
+DEFAULTS = SamplingFields()  # the engine's defaults, for the fields the API shows them on
+
+
+def bounds(name: str) -> dict[str, Any]:
+    """pydantic's constraints (``ge``/``gt``, ``le``) for a numeric sampling field."""
+    rule = BOUNDS[name]
+    out: dict[str, Any] = {}
+    if rule.low is not None:
+        out["gt" if rule.low_open else "ge"] = rule.low
+    if rule.upper is not None:
+        out["le"] = rule.upper
+    return out
 
 
 def check_stop_count(value: object) -> object:
     """The `stop` validator shared by every request schema: at most MAX_STOP strings."""
-    if isinstance(value, list) and len(value) > MAX_STOP:
-        raise ValueError(f"stop takes at most {MAX_STOP} strings, got {len(value)}")
+    problem = stop_count_problem(value) if isinstance(value, list) else None
+    if problem:
+        raise ValueError(problem)
     return value
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch's manual_seed takes
 
-Number = StrictFloat | StrictInt
-StopString = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+
+def check_min_tokens(value: int, info: ValidationInfo) -> int:
+    """The `min_tokens` validator: at most the request's max_tokens when both are given."""
+    top = info.data.get("max_tokens")
+    problem = min_tokens_problem(value, top) if top is not None and value is not None else None
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 class SamplingParams(BaseModel):
@@ -41,23 +73,25 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n: StrictInt = Field(1, description="outputs per job; only 1 is supported")
-    max_tokens: StrictInt | None = Field(None, ge=1, description="tokens to generate at most (default 16)")
-    min_tokens: StrictInt = Field(0, ge=0, description="tokens to generate at least (0..max_tokens)")
-    temperature: Number = Field(1.0, ge=0, le=100)
-    top_k: StrictInt = Field(0, ge=0, le=1_000_000)
-    top_p: Number = Field(1.0, gt=0, le=1)
-    min_p: Number = Field(0.0, ge=0, le=1)
-    presence_penalty: Number = Field(0.0, ge=-2, le=2)
-    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
-    repetition_penalty: Number = Field(1.0, ge=MIN_REPETITION_PENALTY, le=100)
-    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stop: StopString | list[StopString] | None = Field(None, description="a string or up to 16 strings")
-    stop_token_ids: list[Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]] | None = Field(None, max_length=64)
-    ignore_eos: StrictBool = False
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS,
+    n: StrictInt = Field(DEFAULTS.n, description="outputs per job; only 1 is supported")
+    max_tokens: StrictInt | None = Field(None, **bounds("max_tokens"),
+                                         description=f"tokens to generate at most (default {DEFAULT_MAX_TOKENS})")
+    min_tokens: StrictInt = Field(DEFAULTS.min_tokens, **bounds("min_tokens"),
+                                  description="tokens to generate at least (0..max_tokens)")
+    temperature: Number = Field(DEFAULTS.temperature, **bounds("temperature"))
+    top_k: StrictInt = Field(DEFAULTS.top_k, **bounds("top_k"))
+    top_p: Number = Field(DEFAULTS.top_p, **bounds("top_p"))
+    min_p: Number = Field(DEFAULTS.min_p, **bounds("min_p"))
+    presence_penalty: Number = Field(DEFAULTS.presence_penalty, **bounds("presence_penalty"))
+    frequency_penalty: Number = Field(DEFAULTS.frequency_penalty, **bounds("frequency_penalty"))
+    repetition_penalty: Number = Field(DEFAULTS.repetition_penalty, **bounds("repetition_penalty"))
+    seed: StrictInt | None = Field(DEFAULTS.seed, **bounds("seed"))
+    stop: StopString | list[StopString] | None = Field(None, description=f"a string or up to {MAX_STOP} strings")
+    stop_token_ids: StopTokenIds | None = None
+    ignore_eos: StrictBool = DEFAULTS.ignore_eos
+    logprobs: StrictInt | None = Field(DEFAULTS.logprobs, **bounds("logprobs"),
                                        description="None: none; N: the chosen token's logprob and the top N")
-    skip_special_tokens: StrictBool = True
+    skip_special_tokens: StrictBool = DEFAULTS.skip_special_tokens
 
     @field_validator("n")
     @classmethod
@@ -66,13 +100,7 @@ class SamplingParams(BaseModel):
             raise ValueError(f"n must be 1, got {n}: a job stores one output (send separate jobs instead)")
         return n
 
-    @field_validator("min_tokens")
-    @classmethod
-    def _min_below_max(cls, value: int, info: ValidationInfo) -> int:
-        top = info.data.get("max_tokens")
-        if top is not None and value > top:
-            raise ValueError(f"min_tokens ({value}) must not exceed max_tokens ({top})")
-        return value
+    _min_below_max = field_validator("min_tokens")(check_min_tokens)
 
     @field_validator("stop")
     @classmethod

@@ -1,5 +1,5 @@
 """Contracts that need no server: the API never imports torch or the engine, and its sampling
-parameters agree with the engine's."""
+parameters agree with the engine's (both take them from `contract.sampling`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from api.schemas.sampling import MAX_LOGPROBS, SamplingParams
+from api.schemas.openai import ChatCompletionRequest, CompletionRequest
+from api.schemas.sampling import SamplingParams
+from contract.sampling import BOUNDS
 
 
 def test_the_api_process_imports_neither_torch_nor_the_engine() -> None:
@@ -22,11 +24,9 @@ def test_the_api_process_imports_neither_torch_nor_the_engine() -> None:
 
 
 def test_sampling_fields_and_limits_match_the_engine() -> None:
-    from engine.sampling_params import MAX_LOGPROBS as ENGINE_MAX_LOGPROBS
     from engine.sampling_params import SamplingParams as EngineParams
 
     assert set(SamplingParams.model_fields) == set(EngineParams.field_names())
-    assert MAX_LOGPROBS == ENGINE_MAX_LOGPROBS
     defaults = EngineParams().to_dict()
     ours = SamplingParams().model_dump()
     for name, value in defaults.items():
@@ -61,3 +61,48 @@ def test_what_the_engine_refuses_the_api_refuses(params: dict) -> None:
         SamplingParams.model_validate(params)
     with pytest.raises((ValueError, TypeError)):
         EngineParams.from_dict({"max_tokens": 16, **params})
+
+
+def _edges(name: str) -> tuple[list[object], list[object]]:
+    """Values just inside and just outside a field's bounds (and a wrong type)."""
+    rule = BOUNDS[name]
+    step = 1 if rule.integer else 0.001
+    inside: list[object] = []
+    outside: list[object] = [rule.low + 0.5 if rule.integer else "1"]
+    if rule.low is not None:
+        inside.append(rule.low + step if rule.low_open else rule.low)
+        outside.append(rule.low if rule.low_open else rule.low - step)
+    if rule.upper is not None:
+        inside.append(rule.upper)
+        outside.append(rule.upper + step)
+    return inside, outside
+
+
+def _api_bodies(name: str, value: object) -> list[tuple[type, dict]]:
+    """Bodies of every API request model that carry ``value`` in the field named ``name``."""
+    chat: dict = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    bodies: list[tuple[type, dict]] = [(SamplingParams, {name: value})]
+    if name == "logprobs":
+        return bodies + [(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": value}),
+                         (ChatCompletionRequest, {**chat, "logprobs": True, "top_logprobs": value})]
+    bodies += [(CompletionRequest, {"model": "m", "prompt": "x", name: value}), (ChatCompletionRequest, {**chat, name: value})]
+    if name == "max_tokens":
+        bodies.append((ChatCompletionRequest, {**chat, "max_completion_tokens": value}))
+    return bodies
+
+
+@pytest.mark.parametrize("name", sorted(set(BOUNDS) - {"n"}))  # n: the API takes only 1 (one output per job)
+def test_the_api_and_the_engine_draw_each_sampling_bound_where_the_contract_does(name: str) -> None:
+    from engine.sampling_params import SamplingParams as EngineParams
+
+    inside, outside = _edges(name)
+    for value in inside:
+        EngineParams.from_dict({name: value})
+        for model, body in _api_bodies(name, value):
+            model.model_validate(body)
+    for value in outside:
+        with pytest.raises(ValueError, match=name):
+            EngineParams.from_dict({name: value})
+        for model, body in _api_bodies(name, value):
+            with pytest.raises(ValidationError):
+                model.model_validate(body)
