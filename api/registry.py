@@ -1,6 +1,7 @@
-"""The models this API serves: their context length (config.json) and prompt token counts with
-the model's own tokenizer (tokenizer.json through the `tokenizers` library, and the chat template
-rendered with Jinja as Hugging Face does), all without torch."""
+"""The models this API serves: their context length and vocabulary (`contract.model_card`, as the
+engine reads them) and prompt token counts with the model's own tokenizer (tokenizer.json through
+the `tokenizers` library, and the chat template rendered with Jinja as Hugging Face does), all
+without torch."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from contract.model_card import context_length, read_chat_template, read_config, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class ServedModel:
             from tokenizers import Tokenizer
 
             self._tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
-            self._template, self._special = _chat_template(self.path)
+            self._template, self._special = _compile_chat_template(self.path)
 
     def count_text(self, text: str) -> int:
         """Tokens of a plain prompt, with the special tokens the tokenizer adds by default."""
@@ -83,24 +86,10 @@ class ServedModel:
         return self._tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _chat_template(model_dir: Path) -> tuple[Any, dict[str, str]]:
+def _compile_chat_template(model_dir: Path) -> tuple[Any, dict[str, str]]:
     """The compiled chat template of a model directory (or None) and its special-token variables."""
-    config_path = model_dir / "tokenizer_config.json"
-    config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    source = config.get("chat_template")
-    if isinstance(source, list):  # named templates: the default one
-        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
-    jinja_file = model_dir / "chat_template.jinja"
-    if not source and jinja_file.is_file():
-        source = jinja_file.read_text()
-    special: dict[str, str] = {}
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = config.get(name)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            special[name] = value
-    if not source:
+    source, special = read_chat_template(model_dir)
+    if source is None:
         return None, special
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -117,18 +106,6 @@ def _chat_template(model_dir: Path) -> tuple[Any, dict[str, str]]:
     return env.from_string(source), special
 
 
-def context_length_of(config: dict[str, Any]) -> int | None:
-    """The longest sequence the model runs: max_position_embeddings, capped by a sliding window
-    that is in use (the same rule as the engine's loader)."""
-    limit = config.get("max_position_embeddings")
-    if not isinstance(limit, int):
-        return None
-    window = config.get("sliding_window")
-    if window and config.get("use_sliding_window", True):
-        limit = min(limit, int(window))
-    return limit
-
-
 class ModelRegistry:
     """The served models by name."""
 
@@ -139,10 +116,10 @@ class ModelRegistry:
             model = ServedModel(name=name, path=path if path and path.is_dir() else None)
             if where and model.path is None:
                 log.warning("model %s: directory %s not found; prompts are not counted here", name, where)
-            if model.path is not None and (model.path / "config.json").is_file():
-                cfg = json.loads((model.path / "config.json").read_text())
-                model.context_length = context_length_of(cfg)
-                model.vocab_size = cfg.get("vocab_size") if isinstance(cfg.get("vocab_size"), int) else None
+            if model.path is not None:
+                config = read_config(model.path)
+                model.context_length = context_length(config)
+                model.vocab_size = vocab_size(config)
             self._models[name] = model
 
     def get(self, name: str) -> ServedModel | None:

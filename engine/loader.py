@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from contract.model_card import context_length, read_generation_config
 from engine.config import ModelInfo
 from engine.models.llama import LlamaForCausalLM
 
@@ -109,12 +110,6 @@ def load_hf_config(model_dir: str | Path) -> Any:
     return _config_from_dict(data)
 
 
-def read_generation_config(model_dir: str | Path) -> dict:
-    """generation_config.json of a model directory as a dict ({} when it has none)."""
-    path = Path(model_dir) / "generation_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _ids(value: Any) -> list[int]:
     if value is None:
         return []
@@ -124,17 +119,11 @@ def _ids(value: Any) -> list[int]:
 
 
 def max_model_len_of(hf_config: Any) -> int:
-    """The longest sequence the model runs exactly.
-
-    A sliding-window model (Mistral v0.1, Qwen with use_sliding_window) is capped at its window:
-    the paged attention here is full attention, which agrees with sliding-window attention only
-    while the sequence fits in the window.
-    """
-    limit = int(hf_config.max_position_embeddings)
-    window = getattr(hf_config, "sliding_window", None)
-    uses_window = getattr(hf_config, "use_sliding_window", True)  # Qwen configs switch it off
-    if window and uses_window:
-        limit = min(limit, int(window))
+    """The longest sequence the model runs exactly: the model card's context length
+    (`contract.model_card.context_length`, capped at a sliding window), which the API checks too."""
+    limit = context_length(hf_config)
+    if limit is None:
+        raise ValueError("the model config gives no max_position_embeddings (an integer)")
     return limit
 
 

@@ -6,7 +6,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.loader import load_hf_config, model_info, read_generation_config
+from contract.model_card import read_generation_config
+from engine.loader import load_hf_config, model_info
 
 
 def _validate_messages(messages: Any) -> list[dict[str, str]]:

@@ -3,12 +3,15 @@ parameters agree with the engine's (both take them from `contract.sampling`)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from api.registry import ModelRegistry
 from api.schemas.openai import ChatCompletionRequest, CompletionRequest
 from api.schemas.sampling import SamplingParams
 from contract.sampling import BOUNDS
@@ -106,3 +109,23 @@ def test_the_api_and_the_engine_draw_each_sampling_bound_where_the_contract_does
         for model, body in _api_bodies(name, value):
             with pytest.raises(ValidationError):
                 model.model_validate(body)
+
+
+_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "vocab_size": 1000}
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 2048}, 2048),
+    ({"architectures": ["MistralForCausalLM"], "max_position_embeddings": 32768, "sliding_window": 4096}, 4096),
+    ({"architectures": ["Qwen2ForCausalLM"], "max_position_embeddings": 32768, "sliding_window": 4096,
+      "use_sliding_window": False}, 32768),
+])
+def test_the_api_and_the_engine_read_the_same_context_length(tmp_path: Path, config: dict, expected: int) -> None:
+    from engine.loader import load_hf_config, model_info
+
+    (tmp_path / "config.json").write_text(json.dumps({**_SHAPE, **config}))
+    served = ModelRegistry({"m": str(tmp_path)}).get("m")
+    assert served is not None
+    assert served.context_length == model_info(load_hf_config(tmp_path)).max_model_len == expected
+    assert served.vocab_size == 1000
