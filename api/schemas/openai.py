@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 from api.schemas.messages import Messages
 from api.schemas.sampling import Number, StopString, StopTokenIds, TokenId, bounds, check_stop_count
+
 PromptText = Annotated[str, Field(min_length=1, max_length=10_000_000)]
 PromptIds = Annotated[list[TokenId], Field(min_length=1, max_length=1_000_000)]
 
