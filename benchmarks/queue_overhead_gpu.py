@@ -445,8 +445,8 @@ class Bench:
     def send(self, served: str, prompts: list[list[int]], outs: list[int]) -> tuple[str, list[str], float, int]:
         """Stores the jobs (untimed), then sends their tasks and waits until all are final; returns
         (tenant, job ids, seconds from the first send to the last result seen, jobs final)."""
+        from contract.payload import job_payload
         from store.types import JobSpec
-        from workers.app import job_payload
 
         tenant = self.tenant()
         specs = [JobSpec(model=served, request=job_payload(prompt=p, params={
@@ -522,7 +522,7 @@ class Bench:
         counts = status.get("request_counts") or {}
         done = counts.get("completed", 0) + counts.get("failed", 0)
         secs = marks.get("jobs_done", time.perf_counter() - start)
-        from workers.app import BULK_CHUNK
+        from contract.queues import BULK_CHUNK
 
         tasks = -(-len(prompts) // BULK_CHUNK)  # one bulk task per chunk
         after = self.settle(key, before, tasks if done == len(prompts) else 0)
@@ -569,8 +569,8 @@ class Bench:
                 "round_trip_ms_p50": statistics.median(round_ms), "round_trip_ms_p90": round_ms[int(0.9 * (n - 1))]}
 
     def send_one(self, served: str, prompt: list[int]) -> tuple[str, list[str], float, int]:
+        from contract.payload import job_payload
         from store.types import JobSpec
-        from workers.app import job_payload
 
         tenant = self.tenant()
         [job] = self.store.jobs.create_jobs(tenant, [JobSpec(model=served, request=job_payload(

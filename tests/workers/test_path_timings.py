@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from contract.celery_app import send_bulk, send_job
+from contract.payload import job_payload
 from store.types import JobSpec
-from workers.app import job_payload, send_bulk, send_job
 from workers.path_timings import STAGES, PathTimings, stage_deltas
 
 MODEL = "tiny-dummy"
