@@ -135,15 +135,27 @@ def down_command(
     if pid is None:
         typer.echo(f"tokenmill up is not running (data directory {settings.data_dir})", err=True)
         raise typer.Exit(0)
+    by_lock = is_locked(settings.data_dir)
     os.kill(pid, signal.SIGTERM)
     typer.echo(f"stopping tokenmill up (pid {pid}): API, then workers, then Flower and Redis ...", err=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        # Stopped once the data directory's lock is free: the kernel frees it when the process
+        # ends (a pid can outlive it: an unreaped child, or a number used again). A stack of a
+        # tokenmill that took no lock is followed by its pid.
+        if not (is_locked(settings.data_dir) if by_lock else _alive(pid)):
             typer.echo("stopped")
             return
         time.sleep(0.3)
     typer.echo(f"error: still running after {timeout:.0f}s (pid {pid})", err=True)
     raise typer.Exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
