@@ -57,7 +57,7 @@ fi
 # pip takes a minute or two to check every dependency against the index even when nothing is
 # missing; a stamp of what was installed from which pyproject.toml skips that on a rerun.
 stamp="$venv/.tokenmill-installed"
-want="$(sha256sum pyproject.toml | cut -c1-16) $extras $PWD"
+want="$("$py" -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read()).hexdigest()[:16])") $extras $PWD"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && "$py" -c "import tokenmill" 2>/dev/null; then
   say "tokenmill${extras:+ with its test tools}: already installed from this pyproject.toml"
 else
