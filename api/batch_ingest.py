@@ -16,7 +16,7 @@ from itertools import islice
 from typing import Any
 
 from api.batch_lines import BatchLine, BodyPreparer, LineError, LineRules
-from store import JobSpec, Store
+from store import JobSpec, Store, batch_job_id
 from store.models import Batch
 
 MAX_ERRORS = 50  # errors.data entries kept for a failed batch: enough to fix a file, bounded in size
@@ -79,7 +79,9 @@ class _FileCheck:
 
 
 def _job(batch: Batch, line: BatchLine, priority: int) -> JobSpec:
-    return JobSpec(model=line.model, request=line.request, kind="bulk", priority=priority,
+    # The id follows the line number: the output and error files, read in id order, then list
+    # the results in the order of the input file.
+    return JobSpec(id=batch_job_id(batch.id, line.line), model=line.model, request=line.request, kind="bulk", priority=priority,
                    api_key_id=batch.api_key_id, batch_id=batch.id, custom_id=line.custom_id,
                    expires_at=batch.expires_at)
 

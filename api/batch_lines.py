@@ -82,7 +82,9 @@ def _short_name(value: Any) -> bool:
 def _load(raw: bytes) -> Any:
     """The line's JSON value; raises ValueError with a message for the user."""
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        # Without the line break: an error at the end of the line is placed there, not at
+        # "column 1" of a next line.
+        return json.loads(raw.rstrip(b"\r\n"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise ValueError("the line is not valid JSON: it is not UTF-8") from None
     except ValueError as exc:

@@ -9,6 +9,7 @@ never sees another's rows. Nothing here imports torch, Celery or FastAPI.
 
 from store.errors import Conflict, InvalidTransition, NotFound, StoreError
 from store.facade import Store
+from store.sql import batch_job_id
 from store.types import (
     BatchCounts,
     FinishedJob,
@@ -22,6 +23,7 @@ from store.types import (
 __all__ = [
     "BatchCounts",
     "Conflict",
+    "batch_job_id",
     "FinishedJob",
     "InvalidTransition",
     "JobFailure",

@@ -407,7 +407,8 @@ class BatchStore:
     def iter_outcomes(
         self, tenant_id: str, batch_id: str, *, page_size: int = 500
     ) -> Iterator[tuple[Job, Result | None, Usage | None]]:
-        """Each job of the batch with its result and usage (None where missing), in job id order,
+        """Each job of the batch with its result and usage (None where missing), in job id order
+        (for a batch's jobs, the order of its input lines: `store.sql.batch_job_id`),
         a page at a time: what an output or error file is built from. Raises NotFound at once."""
         if self.get(tenant_id, batch_id) is None:
             raise NotFound(f"no batch {batch_id!r} for this tenant")

@@ -22,6 +22,14 @@ def new_id(prefix: str) -> str:
     return prefix + uuid.uuid4().hex
 
 
+def batch_job_id(batch_id: str, line: int) -> str:
+    """The id of the job of input line ``line`` of a batch: ``job_``, 16 hex digits of the batch's
+    id, the line number (8 hex digits), 8 random hex digits. The ids of one batch sort in the
+    order of its input lines, so everything read in id order (the output and error files, the
+    tasks sent) follows the input file; users diff those files."""
+    return f"job_{batch_id.removeprefix('batch_')[:16]}{line:08x}{uuid.uuid4().hex[:8]}"
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(timezone.utc)

@@ -1,15 +1,57 @@
-"""Fixtures shared by the engine tests: the converted built-in model and tiny model directories."""
+"""Fixtures shared by every suite: the session's own Redis and PostgreSQL servers (tests/services.py),
+the converted built-in model and tiny model directories."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from services import (
+    POSTGRES_URL_VAR,
+    REDIS_URL_VAR,
+    NamedRedis,
+    PrivatePostgres,
+    PrivateRedis,
+    require_postgres_bindir,
+)
 from tiny_models import TINY_ARCHS, make_tiny_model
 from tokenmill.builtin_model import fetch_builtin_model
+
+
+@pytest.fixture(scope="session")
+def test_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NamedRedis | PrivateRedis]:
+    """The session's Redis (``.db_url(n)``): the one ``TOKENMILL_TEST_REDIS_URL`` names, else a
+    `redis-server` of our own on a free port in a temporary directory, killed at the end."""
+    named = os.environ.get(REDIS_URL_VAR)
+    if named:
+        yield NamedRedis(named)
+        return
+    server = PrivateRedis(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    """A superuser URL of the session's PostgreSQL: the one ``TOKENMILL_TEST_POSTGRES_URL`` names,
+    else a cluster of our own (initdb in a temporary directory, a free port), removed at the end.
+    Without server binaries the test fails under CI=true (there they are part of the set-up) and is
+    skipped, with the reason, elsewhere."""
+    named = os.environ.get(POSTGRES_URL_VAR)
+    if named:
+        yield named
+        return
+    cluster = PrivatePostgres(require_postgres_bindir())
+    try:
+        cluster.start()
+        yield cluster.url()
+    finally:
+        cluster.destroy()
 
 
 def models_cache_dir() -> Path:

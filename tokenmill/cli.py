@@ -23,6 +23,9 @@ app = typer.Typer(
     help="tokenmill: LLM generation jobs on your own GPUs (or CPU).",
     no_args_is_help=True,
     add_completion=False,
+    # Help texts are plain text: as Rich markup, "[default: TOKENMILL_MODEL]" would be read as a
+    # style tag and vanish, leaving "Model directory or built-in name ." behind.
+    rich_markup_mode=None,
 )
 app.command("fetch")(fetch_command)
 app.command("generate")(generate_command)

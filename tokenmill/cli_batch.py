@@ -11,6 +11,7 @@ from typing import Any, Optional
 import typer
 
 from tokenmill.cli_client import Api, ApiFailure, ApiKey, ApiUrl, connect, console, fail
+from tokenmill.command import tokenmill_command
 
 FINAL_BATCH = {"completed", "failed", "expired", "cancelled"}
 
@@ -66,7 +67,8 @@ def batch_submit(
         except KeyboardInterrupt:  # before the progress bar began
             _detached_hint(batch["id"], output or Path(f"{batch['id']}.output.jsonl"))
     else:
-        typer.echo(f"follow it: tokenmill batch status {batch['id']} --wait -o {batch['id']}.output.jsonl", err=True)
+        typer.echo(f"follow it: {tokenmill_command()} batch status {batch['id']} --wait -o {batch['id']}.output.jsonl",
+                   err=True)
 
 
 @batch_app.command("status")
@@ -135,7 +137,7 @@ def _batch_line(b: dict[str, Any]) -> None:
 
 def _detached_hint(batch_id: str, out: Path) -> None:
     typer.echo(f"\nstopped watching; batch {batch_id} keeps running on the server. Reattach with:\n"
-               f"  tokenmill batch status {batch_id} --wait -o {out}", err=True)
+               f"  {tokenmill_command()} batch status {batch_id} --wait -o {out}", err=True)
     raise typer.Exit(130)
 
 
@@ -166,7 +168,8 @@ def _follow(api: Api, batch_id: str, output: Path | None) -> None:
     except KeyboardInterrupt:
         _detached_hint(batch_id, out)
     except ApiFailure as exc:
-        fail(f"{exc} (batch {batch_id} goes on; reattach with `tokenmill batch status {batch_id} --wait -o {out}`)")
+        fail(f"{exc} (batch {batch_id} goes on; reattach with "
+             f"`{tokenmill_command()} batch status {batch_id} --wait -o {out}`)")
     _batch_line(b)
     try:
         if b.get("output_file_id"):

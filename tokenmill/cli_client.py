@@ -14,6 +14,8 @@ from typing import Any, NoReturn
 
 import typer
 
+from tokenmill.command import tokenmill_command
+
 ApiUrl = typer.Option(None, "--api-url", help="The API [default: TOKENMILL_API_URL, else the one `tokenmill up` runs].")
 ApiKey = typer.Option(None, "--api-key", help="Bearer key [default: TOKENMILL_API_KEY, else the local key `tokenmill up` made].")
 
@@ -38,7 +40,7 @@ class Api:
         try:
             resp = self.client.request(method, path, **kwargs)
         except self._httpx.ConnectError:
-            raise ApiFailure(f"cannot reach the API at {self.url}: is `tokenmill up` (or `tokenmill api`) running? "
+            raise ApiFailure(f"cannot reach the API at {self.url}: is `{tokenmill_command()} up` (or `api`) running? "
                              "Set --api-url or TOKENMILL_API_URL for another address.") from None
         except self._httpx.TimeoutException:
             raise ApiFailure(f"the API at {self.url} did not answer {method} {path} in time") from None
@@ -49,6 +51,7 @@ class Api:
     def download(self, path: str, out: Path) -> int:
         """Streams a response body into ``out``; returns the bytes written."""
         written = 0
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".part")
         try:
             with self.client.stream("GET", path) as resp:
@@ -95,8 +98,8 @@ def connect(api_url: str | None, api_key: str | None) -> Api:
         except OSError:
             key = ""
     if not key:
-        fail("no API key: set TOKENMILL_API_KEY or pass --api-key (`tokenmill up` makes a local one on its first "
-              "start; `tokenmill keys create --tenant NAME` makes others)")
+        fail(f"no API key: set TOKENMILL_API_KEY or pass --api-key (`{tokenmill_command()} up` makes a local one on "
+             f"its first start; `{tokenmill_command()} keys create --tenant NAME` makes others)")
     return Api(url, key)
 
 

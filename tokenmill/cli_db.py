@@ -60,10 +60,13 @@ def current_command() -> None:
     except Exception as exc:  # noqa: BLE001
         typer.echo(f"error: could not read {_shown(url)}: {exc.__class__.__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
+    from tokenmill.command import tokenmill_command
+
     newest = head()
+    upgrade_hint = f"run `{tokenmill_command()} db upgrade`"
     if revision is None:
-        typer.echo(f"{_shown(url)} has no schema yet (newest revision {newest}); run `tokenmill db upgrade`")
+        typer.echo(f"{_shown(url)} has no schema yet (newest revision {newest}); {upgrade_hint}")
     elif revision != newest:
-        typer.echo(f"{_shown(url)} is at revision {revision}; newest is {newest}: run `tokenmill db upgrade`")
+        typer.echo(f"{_shown(url)} is at revision {revision}; newest is {newest}: {upgrade_hint}")
     else:
         typer.echo(f"{_shown(url)} is at revision {revision} (up to date)")

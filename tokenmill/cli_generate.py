@@ -24,7 +24,9 @@ def parse_line(raw: bytes, defaults: dict[str, Any]) -> dict[str, Any]:
     from engine import SamplingParams
 
     try:
-        text = raw.decode("utf-8")
+        # Without the line break: an error at the end of the line is placed there, not at
+        # "column 1" of a next line.
+        text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
         raise ValueError(f"invalid UTF-8 at byte {e.start}") from None
     try:
@@ -99,6 +101,7 @@ def generate_file(engine: Any, src: Path, dst: Path, defaults: dict[str, Any],
                 finish(number, _result(number, ident, out))
 
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         with dst.open("w", encoding="utf-8") as f:
             def flush() -> None:
                 nonlocal next_write
@@ -135,27 +138,42 @@ def generate_command(
                                       help='JSONL: one {"prompt": ...} or {"messages": [...]} per line, '
                                            "with optional sampling fields (max_tokens, temperature, ...)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write one JSON result per input line."),
-    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Model directory or built-in name."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or built-in name.",
+                                        show_default="TOKENMILL_MODEL"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N.",
+                                         show_default="cuda when a GPU is visible, else cpu"),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
     max_tokens: int = typer.Option(CLI_DEFAULT_MAX_TOKENS, help="Default max_tokens for lines that give none."),
     temperature: Optional[float] = typer.Option(None, help="Default temperature for lines that give none."),
     max_num_seqs: int = typer.Option(256, help="Most sequences in one batch."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ) -> None:
-    """Generate a completion for every line of a JSONL file, on the local engine."""
+    """Generate a completion for every line of a JSONL file, on the local engine. The model and the
+    cache it is converted into come from the settings (TOKENMILL_MODEL, TOKENMILL_CACHE_DIR), as
+    for every other command."""
     from rich.console import Console
 
-    from engine import Engine, EngineConfig
-    from tokenmill.builtin_model import prepare_model
     from tokenmill.settings import Settings
 
     console = Console(stderr=True)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    model = model or settings.model
+
+    import torch
+
+    from engine import Engine, EngineConfig
+    from tokenmill.builtin_model import prepare_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     defaults: dict[str, Any] = {"max_tokens": max_tokens}
     if temperature is not None:
         defaults["temperature"] = temperature
     try:
-        model_dir = prepare_model(model, Settings.from_env().model_cache_dir)
+        model_dir = prepare_model(model, settings.model_cache_dir)
         engine = Engine(EngineConfig(model=str(model_dir), device=device, dtype=dtype, max_num_seqs=max_num_seqs))
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         console.print(f"[red]cannot load model {model!r}:[/red] {e}")

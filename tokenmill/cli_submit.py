@@ -10,6 +10,7 @@ from typing import Any, Optional
 import typer
 
 from tokenmill.cli_client import Api, ApiFailure, ApiKey, ApiUrl, connect, console, default_model, fail
+from tokenmill.command import tokenmill_command
 
 FINAL_JOB = {"succeeded", "failed", "cancelled", "expired"}
 
@@ -18,7 +19,9 @@ def submit_command(
     prompt: str = typer.Argument(..., help='The prompt ("-" reads it from standard input).'),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Served model [default: the local stack's]."),
     max_tokens: int = typer.Option(256, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.7, help="0 for greedy decoding."),
+    # Greedy unless asked: the same question gets the same answer, and a small model sampled at a
+    # higher temperature drifts into nonsense on a first try.
+    temperature: float = typer.Option(0.0, help="0 picks the likeliest token every time; 0.7 or so samples."),
     raw: bool = typer.Option(False, "--raw", help="Send the text as a plain prompt, not as a chat message."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the result (else print the job id)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole job as JSON."),
@@ -63,7 +66,7 @@ def wait_for_job(api: Api, job_id: str, timeout_s: float) -> dict[str, Any]:
             status.update(f"job {job_id}: {job['status']}")
             if time.monotonic() > deadline:
                 raise ApiFailure(f"job {job_id} is still {job['status']} after {timeout_s:.0f}s; "
-                                 f"follow it with `tokenmill jobs show {job_id}`")
+                                 f"follow it with `{tokenmill_command()} jobs show {job_id}`")
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 

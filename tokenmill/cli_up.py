@@ -56,8 +56,14 @@ def up_command(
 
 def _detach(settings) -> int:  # type: ignore[no-untyped-def]
     """Runs this same command in the background and waits until the stack is ready."""
+    from tokenmill.data_lock import DataDirInUse, holder_pid, is_locked
+    from tokenmill.up import already_running_message
     from tokenmill.up_state import read_state
 
+    if is_locked(settings.data_dir):  # said before anything starts in the background
+        refusal = DataDirInUse(settings.data_dir, holder_pid(settings.data_dir))
+        typer.echo(f"error: {already_running_message(settings, refusal)}", err=True)
+        return 2
     argv = [a for a in sys.argv[1:] if a not in ("--detach", "-d")] + ["--no-live"]
     log_path = settings.data_dir / "logs" / "up.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +98,7 @@ def _last_error(log_path) -> str | None:  # type: ignore[no-untyped-def]
 
 
 def _print_ready(settings, state: dict) -> None:  # type: ignore[no-untyped-def]
+    from tokenmill.command import activation_hint, tokenmill_command
     from tokenmill.up_state import LOCAL_TENANT, secrets_dir
 
     typer.echo(f"tokenmill is up (pid {state['pid']}): API {state['api_url']}"
@@ -107,31 +114,48 @@ def _print_ready(settings, state: dict) -> None:  # type: ignore[no-untyped-def]
         except OSError:
             continue
         typer.echo(f"{label}: {value}   (first start; kept in {d / fname})")
-    typer.echo("stop it with: tokenmill down")
+    typer.echo(f"stop it with: {tokenmill_command()} down")
+    hint = activation_hint()
+    if hint:
+        typer.echo(f"({hint})")
 
 
 def down_command(
     timeout: float = typer.Option(300.0, help="Seconds to wait for the stack to stop."),
 ) -> None:
     """Stop the `tokenmill up` running with this data directory, in order (as Ctrl-C does)."""
+    from tokenmill.data_lock import holder_pid, is_locked
     from tokenmill.settings import Settings
     from tokenmill.up_state import read_state
 
     settings = Settings.from_env()
     state = read_state(settings)
-    if state is None:
+    # Without a state file (removed by hand, or not written yet), the lock's holder is the stack.
+    pid = int(state["pid"]) if state else (holder_pid(settings.data_dir) if is_locked(settings.data_dir) else None)
+    if pid is None:
         typer.echo(f"tokenmill up is not running (data directory {settings.data_dir})", err=True)
         raise typer.Exit(0)
-    pid = int(state["pid"])
+    by_lock = is_locked(settings.data_dir)
     os.kill(pid, signal.SIGTERM)
     typer.echo(f"stopping tokenmill up (pid {pid}): API, then workers, then Flower and Redis ...", err=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        # Stopped once the data directory's lock is free: the kernel frees it when the process
+        # ends (a pid can outlive it: an unreaped child, or a number used again). A stack of a
+        # tokenmill that took no lock is followed by its pid.
+        if not (is_locked(settings.data_dir) if by_lock else _alive(pid)):
             typer.echo("stopped")
             return
         time.sleep(0.3)
     typer.echo(f"error: still running after {timeout:.0f}s (pid {pid})", err=True)
     raise typer.Exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenmill.command import tokenmill_command
+from tokenmill.data_lock import DataDirInUse, DataDirLock
 from tokenmill.gpus import visible_gpu_ids
 from tokenmill.redis_embedded import RedisUnavailable, embedded_redis, port_is_free
 from tokenmill.settings import Settings
@@ -66,6 +68,14 @@ class Secrets:
 
 
 # -- small helpers --------------------------------------------------------------------------------
+
+def already_running_message(settings: Settings, refusal: DataDirInUse) -> str:
+    """What a refused start says: who holds the data directory, and how to stop it."""
+    running = read_state(settings)
+    where = f"; its API is at {running.get('api_url')}" if running else ""
+    return (f"tokenmill up is already running with this data directory: {refusal}{where}. Stop it with "
+            f"`{tokenmill_command()} down` (or Ctrl-C in its terminal), or use another TOKENMILL_DATA_DIR.")
+
 
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -137,6 +147,9 @@ class Stack:
         self.redis_url = opts.redis_url or ""
         self.model_dir = ""
         self.secrets: Secrets | None = None
+        # Held from the first check to the end of shutdown: one stack per data directory.
+        self.lock = DataDirLock(settings.data_dir)
+        self._wrote_state = False
         self.worker_hosts: dict[str, str] = {}  # child name -> Celery hostname
         self.logs = settings.data_dir / "logs"
         self._stop = False
@@ -149,12 +162,10 @@ class Stack:
     def preflight(self) -> None:
         """Everything checked before any process starts; raises StartupError with the fix."""
         s, o = self.settings, self.opts
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        running = read_state(s)
-        if running is not None:
-            raise StartupError(f"tokenmill up is already running (pid {running['pid']}) with the data directory "
-                               f"{s.data_dir}; its API is at {running.get('api_url')}. Stop it with "
-                               "`tokenmill down` (or Ctrl-C in its terminal), or use another TOKENMILL_DATA_DIR.")
+        try:
+            self.lock.acquire()  # before anything touches the directory
+        except DataDirInUse as exc:
+            raise StartupError(already_running_message(s, exc)) from None
         taken = []
         if not port_is_free(o.api_host, o.api_port):
             taken.append(f"the API port {o.api_port} on {o.api_host} (--api-port, TOKENMILL_API_PORT)")
@@ -349,6 +360,7 @@ class Stack:
         tmp = self.settings.data_dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.settings.data_dir / STATE_FILE)
+        self._wrote_state = True
 
     # run --------------------------------------------------------------------------------------
     def request_stop(self, signum: int, _frame: Any) -> None:
@@ -424,7 +436,11 @@ class Stack:
 
     # shutdown ---------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Stops taking work, drains the workers, then stops Flower and Redis."""
+        """Stops taking work, drains the workers, then stops Flower and Redis. A start refused at
+        the lock started nothing and leaves everything as it found it: the state file belongs to
+        the stack that wrote it."""
+        if not self.lock.held:
+            return
         names = set(self.sup.children)
         workers = [n for n in self.sup.children if n.startswith("worker")]
         if "api" in names:
@@ -444,12 +460,14 @@ class Stack:
         if "redis" in names:
             self.say("stopping: Redis (its append-only file keeps the queues)")
             self.sup.stop(["redis"], signal.SIGTERM, 30)
-        try:
-            (self.settings.data_dir / STATE_FILE).unlink()
-        except OSError:
-            pass
+        if self._wrote_state:
+            try:
+                (self.settings.data_dir / STATE_FILE).unlink()
+            except OSError:
+                pass
         if self._store is not None:
             self._store.close()
+        self.lock.release()
         waiting = (queued or {}).get("interactive", 0) + (queued or {}).get("bulk", 0)
         self.say("stopped." + (f" {waiting} queued task(s) wait for the next `tokenmill up`." if waiting else ""))
 

@@ -10,6 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from tokenmill.command import tokenmill_command
 from tokenmill.up_state import LOCAL_TENANT, local_address, secrets_dir
 
 _STATE_STYLE = {"ready": "green", "starting": "yellow", "backoff": "red", "failed": "bold red",
@@ -37,7 +38,7 @@ def render_summary(stack: Any) -> Panel:
         t.add_row("Flower password", Text(f"{sec.flower_password}   (kept in {d / 'flower.password'})"))
     if not sec.created:
         t.add_row("keys", f"in {d}")
-    t.add_row("try", 'tokenmill submit "Write a haiku about queues."')
+    t.add_row("try", f'{tokenmill_command()} submit "Write a haiku about queues."')
     return Panel(t, title="tokenmill is up", subtitle="Ctrl-C stops it in order", border_style="green")
 
 
@@ -50,9 +51,13 @@ def render_status(stack: Any, status: dict[str, Any]) -> Group:
         style = _STATE_STYLE.get(c["state"], "")
         procs.add_row(c["name"], Text(c["state"], style=style), str(c["pid"] or "-"), str(c["restarts"]))
 
-    workers = Table(title="workers", title_justify="left", box=None, padding=(0, 2))
-    for col in ("worker", "device", "running", "waiting", "KV blocks", "tokens/s", "peak batch"):
-        workers.add_column(col, justify="right" if col not in ("worker", "device") else "left")
+    # The figures keep their width; a worker's name (model-device@host) takes the rest of the line
+    # and folds onto the next one rather than being cut.
+    workers = Table(title="workers", title_justify="left", box=None, padding=(0, 1))
+    workers.add_column("worker", overflow="fold", ratio=1)
+    workers.add_column("device", no_wrap=True)
+    for col in ("running", "waiting", "KV blocks", "tokens/s", "peak batch"):
+        workers.add_column(col, justify="right", no_wrap=True)
     for w in sorted(status["workers"], key=lambda w: w.get("hostname", "")):
         workers.add_row(w.get("hostname", "?"), w.get("device", "?"), w.get("running", "0"), w.get("waiting", "0"),
                         f"{w.get('kv_blocks_used', '0')}/{w.get('kv_blocks_total', '?')}",

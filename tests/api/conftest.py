@@ -1,10 +1,9 @@
-"""Fixtures for the API tests: a migrated PostgreSQL database, a Redis database of their own
-(flushed), a real CPU worker process on a tiny model, and live API servers (uvicorn subprocesses
+"""Fixtures for the API tests: a migrated PostgreSQL database, a Redis database of their own on the
+session's Redis (flushed), a real CPU worker process on a tiny model, and live API servers (uvicorn subprocesses
 on free ports). Everything is session-scoped: starting a worker costs seconds."""
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import time
@@ -19,18 +18,18 @@ import redis
 
 from logged_process import LoggedProcess as Proc
 from pg_helpers import migrated_postgres
+from services import REDIS_DB
 from store import Store
 
-REDIS_URL = os.environ.get("TOKENMILL_TEST_API_REDIS_URL", "redis://127.0.0.1:6379/14")
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_KEY = "tm-admin-test-key"
 TINY = "tiny"
 
 
 @pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+def database_url(postgres_admin_url: str) -> Iterator[str]:
     """A migrated PostgreSQL database for the session, dropped afterwards."""
-    with migrated_postgres("tokenmill_apitest") as url:
+    with migrated_postgres(postgres_admin_url, "tokenmill_apitest") as url:
         yield url
 
 
@@ -43,9 +42,15 @@ def store(database_url: str) -> Iterator[Store]:
 
 
 @pytest.fixture(scope="session")
-def redis_client() -> Iterator[redis.Redis]:
+def redis_url(test_redis) -> str:  # type: ignore[no-untyped-def]
+    """The API tests' database of the session's Redis."""
+    return test_redis.db_url(REDIS_DB["api"])
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     """The tests' Redis database, flushed before and after."""
-    r = redis.Redis.from_url(REDIS_URL)
+    r = redis.Redis.from_url(redis_url)
     r.flushdb()
     yield r
     r.flushdb()
@@ -65,11 +70,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def worker(database_url: str, redis_client: redis.Redis, tiny_dir: Path,
+def worker(database_url: str, redis_url: str, redis_client: redis.Redis, tiny_dir: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     """A real `tokenmill worker` on the CPU serving the tiny model as "tiny"."""
     hostname = f"tiny-{uuid.uuid4().hex[:6]}@apitest"
-    env = {"TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": REDIS_URL,
+    env = {"TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": redis_url,
            "TOKENMILL_VISIBILITY_TIMEOUT_S": "30"}
     p = Proc([sys.executable, "-m", "tokenmill.cli", "worker", "--model", str(tiny_dir), "--served-name", TINY,
               "--device", "cpu", "--dtype", "float32", "--concurrency", "8", "--hostname", hostname],
@@ -101,10 +106,10 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kw)  # type: ignore[arg-type]
 
 
-def start_server(database_url: str, tiny_dir: Path, log_dir: Path, **settings: str) -> Server:
+def start_server(database_url: str, redis_url: str, tiny_dir: Path, log_dir: Path, **settings: str) -> Server:
     """Starts `uvicorn tokenmill.cli_api:make_app` on a free port with these TOKENMILL_* settings."""
     port = free_port()
-    env = {"TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": REDIS_URL,
+    env = {"TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": redis_url,
            "TOKENMILL_SERVED_MODELS": f"{TINY}={tiny_dir}", "TOKENMILL_ADMIN_KEY": ADMIN_KEY,
            **{f"TOKENMILL_{k.upper()}": v for k, v in settings.items()}}
     p = Proc([sys.executable, "-m", "uvicorn", "tokenmill.cli_api:make_app", "--factory", "--host", "127.0.0.1",
@@ -126,9 +131,10 @@ def start_server(database_url: str, tiny_dir: Path, log_dir: Path, **settings: s
 
 
 @pytest.fixture(scope="session")
-def server(database_url: str, tiny_dir: Path, worker: Proc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(database_url: str, redis_url: str, tiny_dir: Path, worker: Proc,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The live API (with a live worker behind it)."""
-    s = start_server(database_url, tiny_dir, tmp_path_factory.mktemp("api"), batch_max_lines="5000")
+    s = start_server(database_url, redis_url, tiny_dir, tmp_path_factory.mktemp("api"), batch_max_lines="5000")
     yield s
     s.proc.stop()
 

@@ -32,10 +32,12 @@ def _wait_batch(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...],
     raise AssertionError(f"batch {batch_id} still {b.status}")
 
 
-def test_chat_batch_runs_to_completed_with_output_file(client: openai.OpenAI) -> None:
-    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+def test_chat_batch_runs_to_completed_with_output_file_in_input_order(client: openai.OpenAI) -> None:
+    # Custom ids in no sorted order: the output file lists them as the input file does.
+    ids = ["zeta", "r1", "alpha", "r0", "mid", "b"]
+    lines = [{"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
               "body": {"model": TINY, "messages": [{"role": "user", "content": f"Hello {i}"}], "max_tokens": 4}}
-             for i in range(6)]
+             for i, cid in enumerate(ids)]
     f = client.files.create(file=("in.jsonl", io.BytesIO(_jsonl(lines))), purpose="batch")
     assert f.purpose == "batch" and f.bytes > 0
     assert client.files.retrieve(f.id).filename == "in.jsonl"
@@ -49,7 +51,7 @@ def test_chat_batch_runs_to_completed_with_output_file(client: openai.OpenAI) ->
     assert done.usage is not None and done.usage.output_tokens >= 6
     assert done.output_file_id and done.error_file_id is None
     out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
-    assert sorted(o["custom_id"] for o in out) == [f"r{i}" for i in range(6)]
+    assert [o["custom_id"] for o in out] == ids
     for o in out:
         assert o["error"] is None and o["response"]["status_code"] == 200
         assert o["response"]["body"]["object"] == "chat.completion"

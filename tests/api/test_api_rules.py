@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from conftest import ADMIN_KEY, REDIS_URL, TINY, Server, start_server, wait_job
+from conftest import ADMIN_KEY, TINY, Server, start_server, wait_job
 
 from store import Store
 
@@ -170,10 +170,11 @@ def test_health_readiness_and_metrics(server: Server, api: httpx.Client) -> None
         assert name in text, name
 
 
-def test_backpressure_429_with_retry_after(database_url: str, tiny_dir: Path, tmp_path: Path, key: str) -> None:
+def test_backpressure_429_with_retry_after(database_url: str, redis_url: str, tiny_dir: Path, tmp_path: Path,
+                                           key: str) -> None:
     # A model no worker serves, its queue stuffed past a limit of 3: interactive jobs get 429.
-    r = redis.Redis.from_url(REDIS_URL)
-    s = start_server(database_url, tiny_dir, tmp_path, served_models=f"{TINY}={tiny_dir},idle={tiny_dir}",
+    r = redis.Redis.from_url(redis_url)
+    s = start_server(database_url, redis_url, tiny_dir, tmp_path, served_models=f"{TINY}={tiny_dir},idle={tiny_dir}",
                      queue_limit="3")
     try:
         with s.client(key) as c:
@@ -194,7 +195,7 @@ def test_backpressure_429_with_retry_after(database_url: str, tiny_dir: Path, tm
 
 def test_redis_down_after_commit_is_503_and_the_job_stays_queued(database_url: str, tiny_dir: Path,
                                                                   tmp_path: Path, key: str, store: Store) -> None:
-    s = start_server(database_url, tiny_dir, tmp_path, redis_url="redis://127.0.0.1:1/14")
+    s = start_server(database_url, "redis://127.0.0.1:1/14", tiny_dir, tmp_path)
     try:
         with s.client(key) as c:
             r = c.post("/v1/jobs", json={"model": TINY, "prompt": "x"})

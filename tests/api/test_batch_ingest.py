@@ -15,7 +15,7 @@ import pytest
 from api.batch_ingest import MAX_ERRORS, ingest_batch
 from api.batch_lines import BatchLine, LineError, LineRules
 from api.config import ApiConfig
-from store import Store
+from store import FinishedJob, Store
 
 MAX_LINES = ApiConfig.batch_max_lines
 
@@ -133,3 +133,23 @@ def test_each_line_gets_its_own_outcome() -> None:
     assert rules.check(5, b'{"custom_id": "d", "x": NaN}') == LineError(
         5, "invalid_json", "the line is not valid JSON: NaN is not a JSON number")
     assert rules.model == "smollm2"
+
+
+def test_a_json_error_at_the_end_of_a_line_names_that_column() -> None:
+    unfinished = b'{"custom_id": "a", "method": "POST"'
+    outcome = LineRules("/v1/chat/completions").check(1, unfinished + b"\n")
+    assert isinstance(outcome, LineError) and outcome.code == "invalid_json"
+    assert outcome.message.endswith(f"at column {len(unfinished) + 1}"), outcome
+
+
+def test_outcomes_come_in_the_order_of_the_input_lines(store: Store, tenant_id: str) -> None:
+    # Custom ids in no sorted order, more lines than a page and than an insert group: the outcomes
+    # (what the output and error files are built from) still follow the input file line by line.
+    names = [f"q{(i * 37) % 101:03d}" for i in range(101)]
+    batch_id = new_batch(store, tenant_id, [line(n) for n in names])
+    assert ingest_batch(store, tenant_id, batch_id, prepare=None, max_lines=MAX_LINES, jobs_per_insert=7).ok
+    ids = list(store.jobs.iter_job_ids(tenant_id, batch_id=batch_id))
+    store.jobs.mark_running(ids, "w")
+    store.jobs.record_results([FinishedJob(i, "ok", "stop", 3, 4) for i in ids])
+    outcomes = list(store.batches.iter_outcomes(tenant_id, batch_id, page_size=10))
+    assert [job.custom_id for job, _, _ in outcomes] == names

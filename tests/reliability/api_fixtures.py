@@ -1,6 +1,6 @@
 """Helpers and fixtures for the Redis/API half of the reliability suite (`test_api_*.py`,
-`test_redis_*.py`): a migrated PostgreSQL database, private `redis-server` processes that a test may
-stop and restart at will, real `tokenmill worker` processes on a tiny random Llama, and live API
+`test_redis_*.py`): a migrated PostgreSQL database, a database of the session's Redis for tests that
+need no Redis of their own, private `redis-server` processes that a test may stop and restart at will, real `tokenmill worker` processes on a tiny random Llama, and live API
 servers (uvicorn subprocesses). Nothing is mocked.
 
 Test modules import the fixtures they use from here (`from api_fixtures import ...`), so this file
@@ -9,8 +9,6 @@ needs no conftest.py and shares nothing with the worker-fault tests of the same 
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 import uuid
@@ -24,62 +22,15 @@ import redis
 
 from logged_process import LoggedProcess as Proc
 from pg_helpers import migrated_postgres
+from services import REDIS_DB, PrivateRedis
 from store import Store
 from tokenmill.redis_embedded import free_port
 
+__all__ = ["PrivateRedis"]  # re-exported: the tests that stop Redis import it from here
+
 REPO = Path(__file__).resolve().parents[2]
-# The shared Redis, database 10: for tests that need no Redis of their own (never flushed whole).
-SHARED_REDIS_URL = os.environ.get("TOKENMILL_TEST_RELAPI_REDIS_URL", "redis://127.0.0.1:6379/10")
 TINY = "tiny"
 FINAL = ("succeeded", "failed", "cancelled", "expired")
-
-
-class PrivateRedis:
-    """A `redis-server` of one test on a fixed free loopback port, with no persistence at all
-    (like the shared dev Redis): stopping it loses every key, and `start()` brings back an empty
-    server on the same port."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.port = free_port()
-        self.log_dir = log_dir
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=5)
-
-    def start(self) -> None:
-        self.starts += 1
-        log = open(self.log_dir / f"redis-{self.port}-{self.starts}.log", "ab")
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.log_dir), "--protected-mode", "yes"],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if self.client().ping():
-                    return
-            except redis.RedisError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"redis-server on {self.port} did not start")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        """Stops the server at once (SIGKILL): whatever it held is gone."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-    def used_memory(self) -> int:
-        return int(self.client().info("memory")["used_memory"])
 
 
 def rss_bytes(pid: int) -> int:
@@ -177,9 +128,9 @@ def job_statuses(store: Store, tenant_id: str, job_ids: list[str]) -> dict[str, 
 # -- fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def relapi_database_url() -> Iterator[str]:
+def relapi_database_url(postgres_admin_url: str) -> Iterator[str]:
     """A migrated PostgreSQL database for these tests, dropped afterwards."""
-    with migrated_postgres("tokenmill_relapi") as url:
+    with migrated_postgres(postgres_admin_url, "tokenmill_relapi") as url:
         yield url
 
 
@@ -203,6 +154,12 @@ def relapi_tenant(relapi_store: Store) -> tuple[str, str]:
     name = f"relapi-{uuid.uuid4().hex[:8]}"
     t = relapi_store.keys.create_tenant(name)
     return t.id, relapi_store.keys.create_key(t.id, name="relapi")[1]
+
+
+@pytest.fixture(scope="session")
+def relapi_redis_url(test_redis) -> str:  # type: ignore[no-untyped-def]
+    """This suite's database of the session's Redis, for tests that need no Redis of their own."""
+    return test_redis.db_url(REDIS_DB["relapi"])
 
 
 @pytest.fixture

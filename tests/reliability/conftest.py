@@ -1,6 +1,6 @@
 """Fixtures of the worker half of the reliability suite (`test_worker_*.py`): a migrated PostgreSQL
-database per module (prefix ``tokenmill_rel``), Redis database 11 (flushed at the start and end of
-each module: that database is this suite's alone), a tiny random Llama, and a factory of real
+database per module (prefix ``tokenmill_rel``), a Redis database of the session's Redis (flushed at
+the start and end of each module: that database is this suite's alone), a tiny random Llama, and a factory of real
 `tokenmill worker` processes, all stopped at the end of the module, and the reconciler that API
 processes run. The API half of the suite imports its own fixtures (`api_fixtures.py`) and uses none
 of these."""
@@ -16,14 +16,14 @@ import redis
 
 from contract.celery_app import QueueConfig, make_celery
 from pg_helpers import migrated_postgres
-from relworker import REDIS_URL
+from services import REDIS_DB
 from store import Store
 from worker_process import WorkerProcess
 
 
 @pytest.fixture(scope="module")
-def rel_database_url() -> Iterator[str]:
-    with migrated_postgres("tokenmill_rel") as url:
+def rel_database_url(postgres_admin_url: str) -> Iterator[str]:
+    with migrated_postgres(postgres_admin_url, "tokenmill_rel") as url:
         yield url
 
 
@@ -34,18 +34,24 @@ def rel_store(rel_database_url: str) -> Iterator[Store]:
     s.close()
 
 
+@pytest.fixture(scope="session")
+def rel_redis_url(test_redis) -> str:  # type: ignore[no-untyped-def]
+    """This suite's database of the session's Redis."""
+    return test_redis.db_url(REDIS_DB["relworker"])
+
+
 @pytest.fixture(scope="module")
-def rel_redis() -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(REDIS_URL)
+def rel_redis(rel_redis_url: str) -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(rel_redis_url)
     r.flushdb()
     yield r
     r.flushdb()
 
 
 @pytest.fixture(scope="module")
-def rel_celery(rel_redis: redis.Redis):
-    """The sending side (what the API uses), on database 11."""
-    return make_celery(QueueConfig(redis_url=REDIS_URL))
+def rel_celery(rel_redis: redis.Redis, rel_redis_url: str):
+    """The sending side (what the API uses), on the suite's Redis database."""
+    return make_celery(QueueConfig(redis_url=rel_redis_url))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +66,7 @@ def rel_tenant(rel_store: Store) -> str:
 
 
 @pytest.fixture(scope="module")
-def spawn_worker(rel_database_url: str, rel_redis: redis.Redis, rel_model_dir: Path,
+def spawn_worker(rel_database_url: str, rel_redis: redis.Redis, rel_redis_url: str, rel_model_dir: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., WorkerProcess]]:
     """Factory: ``spawn_worker(wait=True, database_url=None, **kw)`` starts a worker for the tiny
     model (``kw``: `WorkerProcess` options) and, with ``wait``, returns once it consumes."""
@@ -68,7 +74,7 @@ def spawn_worker(rel_database_url: str, rel_redis: redis.Redis, rel_model_dir: P
 
     def spawn(*, wait: bool = True, database_url: str | None = None, **kw) -> WorkerProcess:
         log = tmp_path_factory.mktemp("worker") / "worker.log"
-        w = WorkerProcess(rel_model_dir, "tiny", database_url or rel_database_url, log, redis_url=REDIS_URL, **kw)
+        w = WorkerProcess(rel_model_dir, "tiny", database_url or rel_database_url, log, redis_url=rel_redis_url, **kw)
         procs.append(w)
         return w.wait_ready(rel_redis) if wait else w
 
@@ -78,7 +84,7 @@ def spawn_worker(rel_database_url: str, rel_redis: redis.Redis, rel_model_dir: P
 
 
 @pytest.fixture()
-def rel_reconciler(rel_store: Store):
+def rel_reconciler(rel_store: Store, rel_redis_url: str):
     """The reconciler (`api.reconciler`, which every API process runs), passing every second over
     jobs open for 3 s: it sends again a task that Redis lost. A worker process that dies while
     Redis hands it a task (the reply to its BRPOP in flight) takes that task with it, a window
@@ -86,7 +92,7 @@ def rel_reconciler(rel_store: Store):
     from api.queue import Dispatcher
     from api.reconciler import Reconciler
 
-    dispatcher = Dispatcher(REDIS_URL)
+    dispatcher = Dispatcher(rel_redis_url)
     reconciler = Reconciler(rel_store, dispatcher, interval_s=1.0, min_age_s=3.0)
     reconciler.start()
     yield reconciler

@@ -1,5 +1,6 @@
 """Helpers and fixtures of the hostile-input and access half of the reliability suite
-(`test_hostile_*.py`, `test_access_*.py`): a migrated PostgreSQL database, Redis database 9, a real
+(`test_hostile_*.py`, `test_access_*.py`): a migrated PostgreSQL database, a database of the session's
+Redis, a real
 `tokenmill worker` on a tiny random Llama (SmolLM2's tokenizer and chat template, a 512-token
 context), and two live API processes on the same store and queue (so that what one process does
 can be checked from the other). Nothing is mocked.
@@ -12,7 +13,6 @@ module, so the stack itself is kept in `_SHARED` and stopped when the last user 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 
 from api_fixtures import Proc, Server, start_api, start_worker  # noqa: F401 - Proc for the tests
 from pg_helpers import migrated_postgres
+from services import REDIS_DB
 from store import Store
 
 REPO = Path(__file__).resolve().parents[2]
-REDIS_URL = os.environ.get("TOKENMILL_TEST_RELSEC_REDIS_URL", "redis://127.0.0.1:6379/9")
 PG_PREFIX = "tokenmill_relsec"
 TINY = "tiny"
 CONTEXT = 512  # max_position_embeddings of the tiny models (tests/tiny_models.py)
@@ -40,10 +40,11 @@ FINAL = ("succeeded", "failed", "cancelled", "expired")
 
 @dataclass
 class Stack:
-    """The live stack of these tests: one worker, two API processes, one store, Redis db 9."""
+    """The live stack of these tests: one worker, two API processes, one store, one Redis database."""
 
     database_url: str
     store: Store
+    redis_url: str
     redis: redis.Redis
     model_dir: Path
     admin_key: str
@@ -122,21 +123,22 @@ def wait_batch(client: httpx.Client, batch_id: str, statuses: tuple[str, ...], t
 _SHARED: dict[str, object] = {"stack": None, "users": 0, "cleanup": None}
 
 
-def _start_stack(model_dir: Path, log_dir: Path) -> tuple[Stack, Callable[[], None]]:
-    pg = migrated_postgres(PG_PREFIX)
+def _start_stack(postgres_admin_url: str, redis_url: str, model_dir: Path,
+                 log_dir: Path) -> tuple[Stack, Callable[[], None]]:
+    pg = migrated_postgres(postgres_admin_url, PG_PREFIX)
     database_url = pg.__enter__()
-    r = redis.Redis.from_url(REDIS_URL)
-    r.flushdb()  # database 9 is this suite's alone (never FLUSHALL: others use 10 and 11)
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()  # this suite's database alone (never FLUSHALL: other suites have theirs)
     store = Store.open(database_url)
     admin_key = "tm-admin-" + secrets.token_urlsafe(16)
     started: list[Proc] = []
     try:
-        worker, hostname = start_worker(redis_url=REDIS_URL, database_url=database_url, model_dir=model_dir,
+        worker, hostname = start_worker(redis_url=redis_url, database_url=database_url, model_dir=model_dir,
                                         log_dir=log_dir, visibility_timeout_s=60, wait_s=240)
         started.append(worker)
         servers = []
         for _ in range(2):
-            s = start_api(redis_url=REDIS_URL, database_url=database_url, model_dir=model_dir, log_dir=log_dir,
+            s = start_api(redis_url=redis_url, database_url=database_url, model_dir=model_dir, log_dir=log_dir,
                           admin_key=admin_key, max_file_bytes=str(MAX_FILE_BYTES), batch_interval_s="0.5")
             started.append(s.proc)
             servers.append(s)
@@ -146,7 +148,7 @@ def _start_stack(model_dir: Path, log_dir: Path) -> tuple[Stack, Callable[[], No
         store.close()
         pg.__exit__(None, None, None)
         raise
-    stack = Stack(database_url, store, r, model_dir, admin_key, worker, hostname, servers, log_dir)
+    stack = Stack(database_url, store, redis_url, r, model_dir, admin_key, worker, hostname, servers, log_dir)
 
     def cleanup() -> None:
         for s in stack.servers:
@@ -159,11 +161,18 @@ def _start_stack(model_dir: Path, log_dir: Path) -> tuple[Stack, Callable[[], No
     return stack, cleanup
 
 
+def relsec_redis_url(test_redis) -> str:  # type: ignore[no-untyped-def]
+    """This suite's database of the session's Redis (``test_redis``: the fixture)."""
+    return test_redis.db_url(REDIS_DB["relsec"])
+
+
 @pytest.fixture(scope="session")
-def relsec_stack(tiny_model_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def relsec_stack(postgres_admin_url: str, test_redis, tiny_model_dir: Callable[[str], Path],  # type: ignore[no-untyped-def]
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The live stack (started on first use in the session, stopped after its last user)."""
     if _SHARED["stack"] is None:
-        stack, cleanup = _start_stack(tiny_model_dir("llama"), tmp_path_factory.mktemp("relsec"))
+        stack, cleanup = _start_stack(postgres_admin_url, relsec_redis_url(test_redis), tiny_model_dir("llama"),
+                                      tmp_path_factory.mktemp("relsec"))
         _SHARED.update(stack=stack, cleanup=cleanup)
     _SHARED["users"] = int(_SHARED["users"]) + 1  # type: ignore[call-overload]
     try:

@@ -1,13 +1,12 @@
 """Helpers of the worker half of the reliability suite (`test_worker_*.py`): submitting jobs the way
 the API does (store first, then the task), waiting for them, and reading what the store holds.
 
-Everything is real: Redis database 11 of the local server, a throwaway PostgreSQL database, real
+Everything is real: a Redis database of the session's Redis, a throwaway PostgreSQL database, real
 `tokenmill worker` processes on the CPU running a tiny random Llama.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections import Counter
@@ -21,7 +20,6 @@ from store import Store
 from store.models import Job, Result, Usage
 from store.types import JobSpec
 
-REDIS_URL = os.environ.get("TOKENMILL_TEST_RELWORKER_REDIS_URL", "redis://127.0.0.1:6379/11")
 MODEL = "tiny"
 FINAL = ("succeeded", "failed", "cancelled", "expired")
 

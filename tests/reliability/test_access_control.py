@@ -61,7 +61,7 @@ ROUTES: dict[tuple[str, str], str] = {
 
 def app_routes(stack: Stack) -> set[tuple[str, str]]:
     """(method, path) of every route the application serves (HEAD aside: Starlette adds it to GET)."""
-    app = create_app(ApiConfig(database_url=stack.database_url, redis_url="redis://127.0.0.1:6379/9",
+    app = create_app(ApiConfig(database_url=stack.database_url, redis_url=stack.redis_url,
                                models={TINY: str(stack.model_dir)}, run_batch_loop=False), store=stack.store)
     out: set[tuple[str, str]] = set()
     for route in app.routes:
@@ -291,7 +291,7 @@ def test_a_revoked_key_is_refused_at_once_by_every_api_process(relsec_stack: Sta
         out = subprocess.run([sys.executable, "-m", "tokenmill.cli", "keys", "revoke", made[1]["id"], "--tenant",
                               tenant.name], cwd=REPO, capture_output=True, text=True, timeout=60,
                              env={**os.environ, "TOKENMILL_DATABASE_URL": s.database_url,
-                                  "TOKENMILL_REDIS_URL": "redis://127.0.0.1:6379/9"})
+                                  "TOKENMILL_REDIS_URL": s.redis_url})
         assert out.returncode == 0, out.stderr
         assert [_live(c) for c in clients[1]] == [401, 401]
         # 3. The whole tenant revoked through process 1: every key refused by both at once.
@@ -365,7 +365,7 @@ def flower_server(relsec_stack: Stack, tmp_path) -> Iterator[tuple[str, str]]:  
 
     port, password = free_port(), f"pw-{uuid.uuid4().hex}"
     p = Proc([sys.executable, "-m", "tokenmill.cli", "flower", "--port", str(port)],
-             {"TOKENMILL_REDIS_URL": "redis://127.0.0.1:6379/9", "TOKENMILL_FLOWER_PASSWORD": password,
+             {"TOKENMILL_REDIS_URL": relsec_stack.redis_url, "TOKENMILL_FLOWER_PASSWORD": password,
               "TOKENMILL_FLOWER_USER": "admin", "TOKENMILL_SERVED_MODELS": f"{TINY}={relsec_stack.model_dir}"},
              tmp_path / "flower.log")
     url = f"http://127.0.0.1:{port}"

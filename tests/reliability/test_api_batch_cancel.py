@@ -7,7 +7,7 @@ enqueued them. Now every chunk insert locks the batch row and stops if it left `
 the runner reads the jobs to send through the store only while the batch is `in_progress`.
 
 Two levels: the store alone, with the cancel placed deterministically between two chunks; and the
-live API (PostgreSQL, Redis db 10), cancelling through HTTP while the real ingestion runs, with a
+live API (PostgreSQL, the suite's Redis database), cancelling through HTTP while the real ingestion runs, with a
 model no worker serves, so that any task sent would still be sitting in Redis to be counted.
 """
 
@@ -27,11 +27,11 @@ import redis
 from api.batch_ingest import ingest_batch
 from api.config import ApiConfig
 from api_fixtures import (  # noqa: F401 - fixtures
-    SHARED_REDIS_URL,
     TINY,
     clear_db,
     relapi_database_url,
     relapi_model_dir,
+    relapi_redis_url,
     relapi_store,
     relapi_tenant,
     start_api,
@@ -87,18 +87,19 @@ def test_store_hands_out_no_job_of_a_batch_cancelled_while_it_is_sent(relapi_sto
 
 
 @pytest.fixture
-def db10() -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(SHARED_REDIS_URL)
+def relapi_db(relapi_redis_url: str) -> Iterator[redis.Redis]:  # noqa: F811
+    r = redis.Redis.from_url(relapi_redis_url)
     clear_db(r)
     yield r
     clear_db(r)
 
 
-def test_api_cancel_while_validating_sends_and_runs_nothing(db10: redis.Redis, relapi_database_url: str,  # noqa: F811
+def test_api_cancel_while_validating_sends_and_runs_nothing(relapi_db: redis.Redis, relapi_redis_url: str,  # noqa: F811
+                                                           relapi_database_url: str,  # noqa: F811
                                                            relapi_model_dir: Path, relapi_store: Store,  # noqa: F811
                                                            relapi_tenant: tuple[str, str], tmp_path: Path) -> None:  # noqa: F811
     tenant_id, key = relapi_tenant
-    api = start_api(redis_url=SHARED_REDIS_URL, database_url=relapi_database_url, model_dir=relapi_model_dir,
+    api = start_api(redis_url=relapi_redis_url, database_url=relapi_database_url, model_dir=relapi_model_dir,
                     log_dir=tmp_path, served_models=f"idle={relapi_model_dir}", reconcile_interval_s="0.5",
                     reconcile_min_age_s="1")
     try:
@@ -133,7 +134,7 @@ def test_api_cancel_while_validating_sends_and_runs_nothing(db10: redis.Redis, r
             final = c.get(f"/v1/batches/{batch_id}").json()
         jobs = {s: n for s in ("queued", "running", "succeeded", "failed", "cancelled", "expired")
                 if (n := relapi_store.jobs.count_jobs(tenant_id, batch_id=batch_id, status=s))}
-        tasks = {name.decode(): db10.llen(name) for name in db10.keys("tokenmill.idle*")}
+        tasks = {name.decode(): relapi_db.llen(name) for name in relapi_db.keys("tokenmill.idle*")}
         assert final["status"] == "cancelled" and final["in_progress_at"] is None, final
         assert sum(tasks.values()) == 0, f"tasks of a batch cancelled while validating were sent: {tasks} {jobs}"
         assert set(jobs) == {"cancelled"}, jobs

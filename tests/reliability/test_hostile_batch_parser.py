@@ -32,8 +32,8 @@ ENDPOINT = "/v1/completions"
 
 
 @pytest.fixture(scope="module")
-def store() -> Iterator[Store]:
-    with migrated_postgres(PG_PREFIX) as url:
+def store(postgres_admin_url: str) -> Iterator[Store]:
+    with migrated_postgres(postgres_admin_url, PG_PREFIX) as url:
         s = Store.open(url)
         yield s
         s.close()

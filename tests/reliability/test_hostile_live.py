@@ -24,7 +24,6 @@ from hostile_fixtures import (  # noqa: F401 - fixtures
     CONTEXT,
     MAX_FILE_BYTES,
     PATHS,
-    REDIS_URL,
     TINY,
     Stack,
     hostile,
@@ -372,7 +371,7 @@ def test_a_pickled_task_is_refused_by_the_worker_and_never_runs(relsec_stack: St
 
     s = relsec_stack
     marker = tmp_path / f"pwned-{uuid.uuid4().hex}"
-    sender = make_celery(QueueConfig(redis_url=REDIS_URL))
+    sender = make_celery(QueueConfig(redis_url=s.redis_url))
     sender.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
     log_before = len(s.worker.log_path.read_bytes())
     task_id = f"job_pickle_{uuid.uuid4().hex}"

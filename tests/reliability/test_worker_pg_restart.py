@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import create_engine, text
 
-from private_postgres import PrivatePostgres, require_postgres_binaries
 from relworker import assert_each_stored_once, create, payloads, send, status_counts, submit, unacked, wait_final
+from services import PrivatePostgres, require_postgres_bindir
 from store import Store
 from store.migrate import upgrade
 
@@ -22,7 +22,7 @@ DOWN_S = 4.0
 @pytest.fixture()
 def private_pg() -> Iterator[tuple[PrivatePostgres, str]]:
     """A private cluster with a migrated database; its URL."""
-    pg = PrivatePostgres(require_postgres_binaries())
+    pg = PrivatePostgres(require_postgres_bindir())
     try:
         pg.start()
         admin = create_engine(pg.url(), isolation_level="AUTOCOMMIT")

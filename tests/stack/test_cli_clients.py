@@ -49,18 +49,19 @@ def test_cli_clients_submit_follow_batches_and_report_usage(up_factory, tmp_path
 
     # A batch file, OpenAI's format: progress until done, then the output file.
     batch_in = tmp_path / "requests.jsonl"
-    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+    words = ["cat", "tree", "blue", "light", "rain", "stone"]  # the custom ids, in no sorted order
+    lines = [{"custom_id": w, "method": "POST", "url": "/v1/chat/completions",
               "body": {"model": MODEL, "max_tokens": 8, "temperature": 0,
                        "messages": [{"role": "user", "content": f"Give me a word that rhymes with {w}."}]}}
-             for i, w in enumerate(["cat", "tree", "blue", "light", "rain", "stone"])]
+             for w in words]
     batch_in.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / "results" / "out.jsonl"  # -o makes the folder
     r = tm(stack, "batch", "submit", str(batch_in), "-o", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     batch_id = r.stdout.splitlines()[0].strip()
     assert batch_id.startswith("batch_") and "completed: 6 completed, 0 failed of 6" in r.stdout
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert sorted(x["custom_id"] for x in rows) == [f"q{i}" for i in range(6)]
+    assert [x["custom_id"] for x in rows] == words  # in input order
     assert all(x["response"]["status_code"] == 200 for x in rows)
     assert batch_id in tm(stack, "batch", "list").stdout
     assert "completed" in tm(stack, "batch", "status", batch_id).stdout

@@ -17,6 +17,7 @@ from stack_helpers import REPO, free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 MARKER = "<!-- quickstart:"
+ANSWER_MARKER = "<!-- quickstart-answer:"
 
 
 def quickstart_commands(readme: str) -> str:
@@ -25,6 +26,14 @@ def quickstart_commands(readme: str) -> str:
     block = re.search(r"```bash\n(.*?)```", readme[at:], re.S)
     assert block, "no bash block after the quick-start marker"
     return block.group(1)
+
+
+def quickstart_answer(readme: str) -> str:
+    """The answer the README shows for the quick start's job (the text block after its marker)."""
+    at = readme.index(ANSWER_MARKER)
+    block = re.search(r"```text\n(.*?)```", readme[at:], re.S)
+    assert block, "no text block after the quick-start answer marker"
+    return block.group(1).strip()
 
 
 def copy_worktree(dest: Path) -> None:
@@ -40,7 +49,8 @@ def copy_worktree(dest: Path) -> None:
 
 
 def test_readme_quickstart_runs_a_first_job_in_a_fresh_environment(tmp_path: Path):
-    commands = quickstart_commands((REPO / "README.md").read_text())
+    readme = (REPO / "README.md").read_text()
+    commands = quickstart_commands(readme)
     assert "tokenmill up" in commands and "tokenmill submit" in commands
     checkout = tmp_path / "tokenmill"
     copy_worktree(checkout)
@@ -56,8 +66,11 @@ def test_readme_quickstart_runs_a_first_job_in_a_fresh_environment(tmp_path: Pat
                              text=True, timeout=2100)
         assert run.returncode == 0, f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
         assert "tokenmill is up" in run.stdout
-        answer = run.stdout.split("stop it with: tokenmill down", 1)[-1].strip()
-        assert answer, run.stdout  # the job's text (sampled, so not checked word for word)
+        # The hints name the command that works in this shell (no environment activated).
+        assert "stop it with: .venv/bin/tokenmill down" in run.stdout, run.stdout
+        assert "source .venv/bin/activate" in run.stdout, run.stdout
+        answer = run.stdout.split("source .venv/bin/activate)", 1)[-1].strip()
+        assert answer == quickstart_answer(readme), run.stdout
         assert " succeeded · " in run.stderr and "completion tokens" in run.stderr, run.stderr
     finally:
         down = subprocess.run([str(checkout / ".venv/bin/tokenmill"), "down"], cwd=checkout, env=env,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from stack_helpers import submit, wait_final
+from stack_helpers import REPO, submit, wait_final
 from store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -137,3 +139,36 @@ def test_a_crashed_worker_is_restarted_and_serves_again(up_factory):
     replacement = next(c for c in up.children() if "worker" in c.cmdline())
     assert replacement.pid != worker.pid
     assert stack.interrupt() == 0
+
+
+def test_a_second_up_on_the_same_data_directory_is_refused_and_the_first_stays_stoppable(up_factory):
+    first = up_factory("first", args=["--no-flower"]).start()
+    first.wait_ready()
+    state_file = first.data_dir / "up.json"
+    written = state_file.read_text()
+
+    # `up --detach` again by mistake, on other ports (it is not the ports that must stop it).
+    again = up_factory("again", data_dir=first.data_dir)
+    run = subprocess.run([sys.executable, "-m", "tokenmill.cli", "up", "--detach", "--no-flower"], cwd=REPO,
+                         env=again.env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "already running" in run.stderr and f"pid {first.proc.pid}" in run.stderr, run.stderr
+    assert "starting in the background" not in run.stdout + run.stderr
+    assert state_file.read_text() == written  # the running stack's file, untouched
+
+    # Without up.json (moved aside), the lock still keeps a second stack off the directory, and
+    # the refused start neither writes nor removes a state file.
+    aside = state_file.rename(first.data_dir / "up.json.aside")
+    third = up_factory("third", data_dir=first.data_dir, args=["--no-flower"]).start()
+    assert third.run_to_exit(120) == 2
+    assert f"in use by another tokenmill up (pid {first.proc.pid})" in third.log(), third.log()
+    assert not state_file.exists()
+    aside.rename(state_file)
+
+    # `tokenmill down` finds the first stack and stops it in order.
+    down = subprocess.run([sys.executable, "-m", "tokenmill.cli", "down"], cwd=REPO, env=first.env,
+                          capture_output=True, text=True, timeout=300)
+    assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+    assert first.proc.wait(60) == 0
+    assert not state_file.exists()
+    _no_traceback(first.log() + third.log() + run.stderr)

@@ -1,9 +1,8 @@
 """Fixtures for worker tests: a fresh PostgreSQL database (migrated), a Redis database of their
-own, and real `tokenmill worker` processes on the CPU."""
+own on the session's Redis, and real `tokenmill worker` processes on the CPU."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,16 +11,20 @@ import redis
 
 from contract.celery_app import QueueConfig, make_celery
 from pg_helpers import migrated_postgres
+from services import REDIS_DB
 from store import Store
 from worker_process import WorkerProcess
 
-REDIS_URL = os.environ.get("TOKENMILL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+@pytest.fixture(scope="session")
+def redis_url(test_redis) -> str:  # type: ignore[no-untyped-def]
+    """The worker tests' database of the session's Redis."""
+    return test_redis.db_url(REDIS_DB["workers"])
 
 
 @pytest.fixture(scope="module")
-def database_url() -> Iterator[str]:
+def database_url(postgres_admin_url: str) -> Iterator[str]:
     """A migrated PostgreSQL database for one test module, dropped afterwards."""
-    with migrated_postgres("tokenmill_wtest") as url:
+    with migrated_postgres(postgres_admin_url, "tokenmill_wtest") as url:
         yield url
 
 
@@ -33,26 +36,27 @@ def store(database_url: str) -> Iterator[Store]:
 
 
 @pytest.fixture(scope="module")
-def redis_client() -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(REDIS_URL)
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """The worker tests' Redis database, flushed before and after each module."""
+    r = redis.Redis.from_url(redis_url)
     r.flushdb()
     yield r
     r.flushdb()
 
 
 @pytest.fixture(scope="module")
-def celery_app(redis_client):
-    return make_celery(QueueConfig(redis_url=REDIS_URL, visibility_timeout_s=5))
+def celery_app(redis_client, redis_url):
+    return make_celery(QueueConfig(redis_url=redis_url, visibility_timeout_s=5))
 
 
 @pytest.fixture(scope="module")
-def start_worker(database_url, redis_client, tmp_path_factory):
+def start_worker(database_url, redis_client, redis_url, tmp_path_factory):
     """Factory: start_worker(model_dir, served, **kw) -> a ready WorkerProcess (stopped at the end)."""
     procs: list[WorkerProcess] = []
 
     def start(model_dir: Path, served: str, **kw) -> WorkerProcess:
         log = tmp_path_factory.mktemp("worker") / "worker.log"
-        w = WorkerProcess(model_dir, served, database_url, log, redis_url=REDIS_URL, **kw)
+        w = WorkerProcess(model_dir, served, database_url, log, redis_url=redis_url, **kw)
         procs.append(w)
         return w.wait_ready(redis_client)
 

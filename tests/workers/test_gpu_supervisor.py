@@ -63,8 +63,8 @@ def test_supervisor_pins_one_process_per_gpu_restarts_the_dead_and_passes_sigter
         assert pids[(g, "start")] != pids[(g, "restart")] == pids[(g, "term")]
 
 
-def test_worker_gpus_all_pins_each_child_and_keeps_torch_out_of_the_parent(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5", "TOKENMILL_REDIS_URL": "redis://127.0.0.1:6379/13",
+def test_worker_gpus_all_pins_each_child_and_keeps_torch_out_of_the_parent(tmp_path, redis_url):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5", "TOKENMILL_REDIS_URL": redis_url,
            "TOKENMILL_DATABASE_URL": f"sqlite:///{tmp_path}/store.db"}
     parent = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "worker", "--gpus", "all",
                                "--model", "smollm2-135m-instruct"], cwd=REPO, env=env,
