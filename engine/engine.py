@@ -9,9 +9,8 @@ finished requests leave at once and free their blocks. Loading the model and siz
 Overlapped steps (on by default on CUDA): a step is launched before the previous step's tokens are
 read back, so the host's bookkeeping runs while the GPU computes. A decode then takes its input
 token straight from the previous step's sampled tokens on the device; a request that the previous
-token ended (EOS, a stop string) has run one step too many, whose token is dropped. Requests whose
-sampling needs their latest token on the host (penalties, logprobs) turn the overlap off while
-they live.
+token ended (EOS, a stop string) has run one step too many, whose token is dropped. Sampling,
+penalties and logprobs all run on the device, so every request keeps the overlap.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from engine.outputs import RequestOutput
 from engine.postprocess import Postprocessor
 from engine.readback import Readback, SampledStep
 from engine.request import Request, RequestStatus
-from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
@@ -57,7 +55,6 @@ class Engine:
         self.postprocess = Postprocessor(self.eos_token_ids, self.max_model_len)
         self._readback = Readback(self.device, config.max_num_seqs)
         self._in_flight: SampledStep | None = None  # launched, tokens not read yet
-        self._num_no_defer = 0  # live requests whose tokens must be read at once
         self._groups: dict[str, SequenceGroup] = {}
         self._seq_of: dict[int, tuple[SequenceGroup, Sequence]] = {}
         self._prompt_tokens = 0
@@ -117,8 +114,6 @@ class Engine:
             self._seq_of[id(req)] = (group, seq)
             self.scheduler.add(req)
         self._groups[request_id] = group
-        if not Sampler.can_defer(params):
-            self._num_no_defer += 1
         self._prompt_tokens += len(ids) * params.n
 
     def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
@@ -158,7 +153,7 @@ class Engine:
         """Runs one batch step; returns an output for every request that changed.
 
         Overlapped, the outputs are those of the previous step, read while this one runs."""
-        overlap = self.overlap_steps and self._num_no_defer == 0
+        overlap = self.overlap_steps
         outputs: list[RequestOutput] = []
         if not overlap and self._in_flight is not None:
             outputs = self._process(self._in_flight)
@@ -196,16 +191,19 @@ class Engine:
         sampled = [batch.requests[i] for i in sample_rows]
         if not sampled:
             return None
-        raw, tokens = self.sampler.sample_tokens(logits, sampled)
+        pending = self._in_flight.tokens if self._in_flight is not None else None
+        raw, tokens = self.sampler.sample_tokens(logits, sampled, pending)
+        params = [r.params for r in sampled]
         if not defer:
-            return SampledStep(sampled, tokens, self.sampler.results(raw, tokens, [r.params for r in sampled]))
+            return SampledStep(sampled, tokens, self.sampler.results(raw, tokens, params))
+        logprobs = self.sampler.logprob_tensors(raw, tokens, params)
         for j, r in enumerate(sampled):
             r.num_pending += 1
             r.pending_index = j
             if (len(r.output_token_ids) + r.num_pending >= r.params.max_tokens
                     or r.num_tokens >= self.max_model_len):
                 r.final_pending = True  # ends by length: no step after this one
-        return self._readback.start(sampled, tokens)
+        return self._readback.start(sampled, tokens, logprobs)
 
     def _process(self, step: SampledStep) -> list[RequestOutput]:
         """Appends a launched step's tokens to their requests; outputs of those that changed."""
@@ -238,8 +236,6 @@ class Engine:
 
     def _release(self, group: SequenceGroup) -> None:
         del self._groups[group.request_id]
-        if not Sampler.can_defer(group.params):
-            self._num_no_defer -= 1
         for seq in group.seqs:
             self._seq_of.pop(id(seq.request), None)
 

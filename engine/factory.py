@@ -65,7 +65,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         config=config, device=device, model=model, info=info, dtype=dtype, tokenizer=tokenizer,
         eos_token_ids=eos, max_model_len=max_model_len, num_blocks=num_blocks, kv=kv,
         scheduler=Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens),
-        runner=runner, sampler=Sampler(info.vocab_size, eos),
+        runner=runner, sampler=Sampler(info.vocab_size, eos, seed=config.seed),
         overlap_steps=device.type == "cuda" if config.overlap_steps is None else config.overlap_steps)
 
 

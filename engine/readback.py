@@ -1,18 +1,19 @@
 """Reading a step's sampled tokens back from the device: at once, or a step later.
 
 Overlapped steps (see `Engine.step`) launch step N+1 before the host reads step N's tokens: the
-copy of N's tokens into pinned host memory is queued behind N's sampling, and the host reads it
-after N+1 is on its way, so the GPU never waits for the host's bookkeeping between steps.
+copy of N's tokens (and of the logprobs its requests asked for) into pinned host memory is queued
+behind N's sampling, and the host reads it after N+1 is on its way, so the GPU never waits for the
+host's bookkeeping between steps.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.request import Request, TokenLogprob
+from engine.sampler import LogprobTensors, assemble
 
 
 @dataclass(eq=False)
@@ -23,15 +24,16 @@ class SampledStep:
     tokens: torch.Tensor
     picks: list[TokenLogprob] | None = None  # set when read at once (with logprobs if asked)
     _host: torch.Tensor | None = field(default=None, repr=False)
+    _logprobs: LogprobTensors | None = field(default=None, repr=False)  # host copies, in flight
     _ready: torch.cuda.Event | None = field(default=None, repr=False)
 
     def read(self) -> list[TokenLogprob]:
-        """The chosen tokens, waiting for the device copy if it is still on its way."""
+        """The chosen tokens (and logprobs), waiting for the device copy if it is still on its way."""
         if self.picks is None:
             if self._ready is not None:
                 self._ready.synchronize()
             ids = (self._host if self._host is not None else self.tokens).tolist()
-            self.picks = [TokenLogprob(token_id=t, logprob=math.nan) for t in ids]
+            self.picks = assemble(ids, self._logprobs)
         return self.picks
 
 
@@ -46,13 +48,17 @@ class Readback:
                              for _ in range(2)]
         self._turn = 0
 
-    def start(self, requests: list[Request], tokens: torch.Tensor) -> SampledStep:
-        """Queues the copy of `tokens` to the host; `SampledStep.read` waits for it."""
+    def start(self, requests: list[Request], tokens: torch.Tensor,
+              logprobs: LogprobTensors | None = None) -> SampledStep:
+        """Queues the copy of `tokens` (and `logprobs`) to the host; `SampledStep.read` waits for it."""
         if not self._buffers or tokens.device.type != "cuda":
-            return SampledStep(requests, tokens)  # already on the host
+            # Already on the host.
+            return SampledStep(requests, tokens, _logprobs=None if logprobs is None
+                               else logprobs.to_host(non_blocking=False))
         host, ready = self._buffers[self._turn]
         self._turn ^= 1
         host = host[:tokens.shape[0]]
         host.copy_(tokens, non_blocking=True)
+        lp = None if logprobs is None else logprobs.to_host(non_blocking=True)
         ready.record()
-        return SampledStep(requests, tokens, _host=host, _ready=ready)
+        return SampledStep(requests, tokens, _host=host, _logprobs=lp, _ready=ready)

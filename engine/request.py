@@ -6,8 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.sampling_params import SamplingParams
 
 
@@ -51,7 +49,6 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
-    generator: torch.Generator | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
@@ -62,11 +59,9 @@ class Request:
     num_pending: int = 0
     pending_index: int = -1
     final_pending: bool = False
-
-    def __post_init__(self) -> None:
-        if self.params.seed is not None and self.generator is None:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(self.params.seed + self.seq_index)
+    # What the sampler draws this request's tokens with (its per-row values and draw seed), set by
+    # the sampler on the first draw and kept for the request's life.
+    sampling_row: tuple | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

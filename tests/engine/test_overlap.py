@@ -1,8 +1,8 @@
 """Overlapped steps (a step launched before the previous step's tokens are read back) give exactly
 what steps run one at a time give: same tokens, texts, finish reasons and counts, when requests end
 early (EOS, stop strings), are aborted mid-flight, reach the context limit, need min_tokens, or
-need their latest token on the host (penalties, logprobs), which turns the overlap off while they
-live. The references are the engine run one step at a time (itself checked against transformers in
+count their latest token still on the device (penalties) or ask for logprobs, all of which keep the
+overlap. The references are the engine run one step at a time (itself checked against transformers in
 test_engine_parity) and transformers directly for the ends that only overlap can get wrong."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_min_tokens_holds_with_pending_tokens(smollm2_dir):
     assert all(len(o.token_ids) >= 12 for o in overlap)
 
 
-def test_requests_with_penalties_or_logprobs_turn_the_overlap_off_and_still_match(tiny_model_dir):
+def test_requests_with_penalties_or_logprobs_keep_the_overlap_and_still_match(tiny_model_dir):
     d = tiny_model_dir("qwen3")
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 1000) for _ in range(rng.randint(4, 30))] for _ in range(6)]
@@ -90,6 +90,14 @@ def test_requests_with_penalties_or_logprobs_turn_the_overlap_off_and_still_matc
     assert [o.token_ids for o in overlap] == [o.token_ids for o in sync]
     assert [len(o.logprobs) for o in overlap if o.logprobs is not None] == [12]
     assert [t.top for t in overlap[2].logprobs] == [t.top for t in sync[2].logprobs]
+    assert [t.logprob for t in overlap[2].logprobs] == [t.logprob for t in sync[2].logprobs]
+
+    # Still overlapped: a step returns the previous step's tokens, so the first returns nothing.
+    engine = Engine(model=str(d), dtype="float32", overlap_steps=True)
+    engine.add_request("p", prompts[0], params[1])
+    engine.add_request("l", prompts[1], params[2])
+    assert engine.step() == []
+    assert {o.request_id for o in engine.step()} == {"p", "l"}
 
 
 def test_abort_while_a_step_is_in_flight_frees_everything_and_spares_the_rest(tiny_model_dir):

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.request import Request
-from engine.sampler import CANDIDATES, Sampler
+from engine.sampler import Sampler
+from kernels.sampling import CANDIDATES
 from engine.sampling_params import SamplingParams
 
 VOCAB = 64
