@@ -5,6 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Cards with at least this much memory get the large batch limits below (vLLM draws the same line
+# for its offline defaults: the H100 and H200 class).
+LARGE_CARD_BYTES = 70 * 2**30
+
+
+def default_batch_limits(device_type: str, device_memory_bytes: int | None) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) when the caller gives none, from the device.
+
+    A large card holds the KV cache of many more sequences than 256 and computes a 16k-token
+    prefill step about as efficiently per token as an 8k one, so it gets 1,024 sequences and
+    16,384 tokens; a smaller card 256 and 8,192; a CPU 256 and 2,048 (a step there is compute
+    bound already at a few hundred tokens, and a long one only delays every sequence's next token).
+    """
+    if device_type == "cuda":
+        if device_memory_bytes is not None and device_memory_bytes >= LARGE_CARD_BYTES:
+            return 1024, 16384
+        return 256, 8192
+    return 256, 2048
+
 
 @dataclass
 class EngineConfig:
@@ -15,8 +34,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from memory (see Engine)
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int | None = None  # None: `default_batch_limits` of the device
+    max_num_batched_tokens: int | None = None  # None: `default_batch_limits` of the device
     max_model_len: int | None = None  # None: the model's own context length
     enable_prefix_caching: bool = True
     load_format: str = "auto"  # auto | safetensors | dummy
@@ -35,9 +54,9 @@ class EngineConfig:
             problems.append(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             problems.append(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             problems.append(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             problems.append(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             problems.append(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")

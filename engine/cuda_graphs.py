@@ -8,6 +8,11 @@ A graph reads and writes fixed addresses, so its inputs live in static device bu
 step copies into. A batch of n sequences replays the graph of the smallest captured size P >= n;
 rows n..P-1 are padding: slot -1 (the KV write skips them) and context length 0 (the attention
 kernel reads no key for them and writes zeros), so they cannot touch any real sequence's cache.
+
+Every graph writes its logits into one shared buffer (rows 0..P-1), in the model's dtype: a replay's
+logits are read by the sampler queued right behind it, before the next replay overwrites them, so
+no graph needs logits of its own and capturing up to a thousand sequences costs no more memory than
+the largest batch's logits once.
 """
 
 from __future__ import annotations
@@ -18,31 +23,34 @@ import torch
 
 from kernels import AttnMetadata
 
-# Above this the step is dominated by weight and KV traffic, and eager launches cost little.
-MAX_CAPTURE_SIZE = 512
+# Past this many sequences a decode step is far longer than its launches; the cap only bounds the
+# capture time of very large settings.
+MAX_CAPTURE_SIZE = 2048
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
-    """The batch sizes to capture: 1, 2, 4, 8, then every multiple of 16, up to `max_batch`.
+    """The batch sizes to capture: 1, 2, 4, 8, every multiple of 16 up to 256, then every multiple
+    of 32, up to `max_batch`.
 
-    Steps of 16 keep the padding under 16 rows (a few percent of a large batch's work) while
-    capturing a few dozen graphs at most.
+    The steps keep the padding under 16 rows up to 256 and under 32 above (a few percent of a
+    large batch's work at most) while capturing a few dozen graphs.
     """
     top = max(1, min(max_batch, MAX_CAPTURE_SIZE))
-    sizes = [s for s in (1, 2, 4, 8) if s < top] + list(range(16, top, 16))
-    return sorted(set(sizes) | {top})
+    sizes = [s for s in (1, 2, 4, 8) if s < top] + list(range(16, min(top, 257), 16)) + list(range(288, top, 32))
+    return sorted({s for s in sizes if s < top} | {top})
 
 
 class DecodeGraphs:
     """Captured decode forwards of a model over its KV cache, one per batch size.
 
-    `forward(input_ids, positions, meta)` runs the model and returns logits [rows, vocab] for every
-    row; it is called with slices of the static buffers. With `use_graphs=False` the same static
-    buffers and padding are used but the forward runs eagerly: that exercises the padding on any
-    device (tests on the CPU).
+    `forward(input_ids, positions, meta, out)` runs the model and returns logits [rows, vocab] for
+    every row, written into `out` when it is given (a slice of the shared logits buffer, made from
+    the first run's output); it is called with slices of the static buffers. With
+    `use_graphs=False` the same static buffers and padding are used but the forward runs eagerly:
+    that exercises the padding on any device (tests on the CPU).
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor, AttnMetadata], torch.Tensor],
+    def __init__(self, forward: Callable[..., torch.Tensor],
                  max_batch: int, max_blocks_per_seq: int, max_context_len: int, device: torch.device,
                  sizes: list[int] | None = None, use_graphs: bool = True) -> None:
         self.forward = forward
@@ -60,7 +68,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(p + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((p, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.logits: torch.Tensor | None = None  # [max_batch, vocab], shared by every size
         self.replays = 0  # decode steps served, for tests and stats
 
     def _meta(self, size: int) -> AttnMetadata:
@@ -72,11 +80,17 @@ class DecodeGraphs:
             max_query_len=1, max_context_len=self.max_context_len)
 
     def _run(self, size: int) -> torch.Tensor:
-        return self.forward(self.input_ids[:size], self.positions[:size], self._meta(size))
+        out = None if self.logits is None else self.logits[:size]
+        logits = self.forward(self.input_ids[:size], self.positions[:size], self._meta(size), out)
+        if self.logits is None:
+            self.logits = torch.empty((self.max_batch, logits.shape[1]), dtype=logits.dtype, device=logits.device)
+            self.logits[:size].copy_(logits)
+            logits = self.logits[:size]
+        return logits
 
     def capture(self) -> None:
         """Captures every size, largest first, all in one memory pool (a smaller graph reuses the
-        larger ones' intermediates; only each graph's logits stay reserved)."""
+        larger ones' intermediates); all write the one logits buffer."""
         if not self.use_graphs:
             return
         stream = torch.cuda.Stream(self.device)
@@ -91,7 +105,7 @@ class DecodeGraphs:
                 stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.outputs[size] = self._run(size)
+                    self._run(size)
                 if pool is None:
                     pool = graph.pool()
                 self.graphs[size] = graph
@@ -127,5 +141,5 @@ class DecodeGraphs:
         self.replays += 1
         if self.use_graphs:
             self.graphs[size].replay()
-            return self.outputs[size][:n]
+            return self.logits[:n]
         return self._run(size)[:n]

@@ -4,13 +4,14 @@ only runs steps."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.config import EngineConfig, ModelInfo
+from engine.config import EngineConfig, ModelInfo, default_batch_limits
 from engine.kv_cache import KVCacheManager
 from engine.kv_sizing import num_kv_blocks
 from engine.loader import load_model, resolve_model
@@ -41,7 +42,9 @@ class EngineParts:
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
-    """Loads `config.model` on `config.device` and builds every part the engine runs with."""
+    """Loads `config.model` on `config.device` and builds every part the engine runs with (batch
+    limits the config leaves open are sized from the device first)."""
+    config = with_batch_limits(config)
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     if config.load_format == "dummy" and not _is_model_dir(config.model):
@@ -67,6 +70,17 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         scheduler=Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens),
         runner=runner, sampler=Sampler(info.vocab_size, eos, seed=config.seed),
         overlap_steps=device.type == "cuda" if config.overlap_steps is None else config.overlap_steps)
+
+
+def with_batch_limits(config: EngineConfig) -> EngineConfig:
+    """The config with the batch limits it leaves open filled in from the device."""
+    if config.max_num_seqs is not None and config.max_num_batched_tokens is not None:
+        return config
+    device = torch.device(config.device)
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    seqs, tokens = default_batch_limits(device.type, memory)
+    return dataclasses.replace(config, max_num_seqs=config.max_num_seqs or seqs,
+                               max_num_batched_tokens=config.max_num_batched_tokens or tokens)
 
 
 def _is_model_dir(model: Any) -> bool:

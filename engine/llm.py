@@ -19,12 +19,13 @@ class LLM:
 
     `model` is a model directory or the name of a model in the cache (default
     `smollm2-135m-instruct`, put there once by `tokenmill fetch`).
-    Other keyword arguments are fields of `EngineConfig`.
+    Other keyword arguments are fields of `EngineConfig`; batch limits left at None are sized from
+    the device (`engine.config.default_batch_limits`).
     """
 
     def __init__(self, model: str = "smollm2-135m-instruct", device: str = "cpu", dtype: str = "auto",
-                 block_size: int = 16, num_kv_blocks: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 block_size: int = 16, num_kv_blocks: int | None = None, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  load_format: str = "auto", **kwargs: Any) -> None:
         self.engine = Engine(EngineConfig(
             model=model, device=device, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,

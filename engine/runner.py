@@ -105,9 +105,10 @@ class ModelRunner:
             buf.copied.synchronize()
         return buf
 
-    def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+    def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, out=out)
 
     def _fill(self, buf: _StepBuffers, requests: list[Request], num_tokens: list[int],
               pad_to: int = 0) -> tuple[int, int, int, int]:
@@ -212,7 +213,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_tokens: list[int], sample_rows: list[int],
                 feed: TokenFeed | None = None) -> torch.Tensor:
-        """Runs the step; returns float32 logits of the last token of each request in `sample_rows`.
+        """Runs the step; returns logits of the last token of each request in `sample_rows` (float32,
+        or the model's dtype from a decode graph; valid until the next step runs).
 
         `feed` names the rows whose input token is still on the device (overlapped steps)."""
         n = len(requests)

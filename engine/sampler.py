@@ -78,6 +78,11 @@ def assemble(token_ids: list[int], logprobs: LogprobTensors | None) -> list[Toke
     return out
 
 
+def _own_float32(x: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of x that the sampler may change in place."""
+    return x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
 def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list as a tensor on `device`; to a GPU through pinned memory, asynchronously (a copy
     from pageable memory would wait for everything queued on the stream)."""
@@ -111,7 +116,7 @@ class Sampler:
         )
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[TokenLogprob]:
-        """Samples one token per row: row i of `logits` ([N, V], float32) belongs to `requests[i]`.
+        """Samples one token per row: row i of `logits` ([N, V]) belongs to `requests[i]`.
 
         Returns, per request, the chosen token id, its logprob and, when `params.logprobs` is N > 0,
         the top N (token id, logprob) pairs, most likely first. Logprobs are `log_softmax` of the
@@ -165,6 +170,7 @@ class Sampler:
         debugging.
         """
         _, x, _ = self._prepare(logits, requests, None)
+        x = x.float()
         out = torch.zeros_like(x)
         for i, r in enumerate(requests):
             p = r.params
@@ -173,15 +179,18 @@ class Sampler:
         return out
 
     def _prepare(self, logits: torch.Tensor, requests: Sequence[Request], pending: torch.Tensor | None):
-        """(raw logits cut to the vocabulary, logits after penalties and min_tokens, greedy)."""
+        """(raw logits cut to the vocabulary, logits after penalties and min_tokens, greedy).
+
+        Logits in a 16-bit dtype (a decode graph's) stay so until something changes them: the
+        argmax and the sampling kernel read them as they are, and convert exactly."""
         n = len(requests)
         if logits.dim() != 2 or logits.shape[0] != n:
             raise ValueError(
                 f"logits must be [len(requests)={n}, vocab], got {tuple(logits.shape)}"
             )
         raw = logits[:, : min(logits.shape[1], self.vocab_size)]
-        if raw.dtype != torch.float32:
-            raw = raw.float()
+        if raw.device.type != "cuda" and raw.dtype != torch.float32:
+            raw = raw.float()  # the reference computes in float32
         x = self._apply_penalties(raw, requests, pending)
         x = self._mask_min_tokens(x, raw, requests)
         greedy = [r.params.temperature < GREEDY_TEMPERATURE for r in requests]
@@ -229,7 +238,7 @@ class Sampler:
                              q.params.presence_penalty) for q in reqs], torch.float32, device)
         rep, freq, pres = (params[:, c:c + 1] for c in range(3))
         idx = to_device(rows, torch.long, device)
-        y = x.index_select(0, idx)
+        y = x.index_select(0, idx).float()
         occurred = counts > 0
         if any(q.params.repetition_penalty != 1.0 for q in reqs):
             seen = occurred.clone()
@@ -240,8 +249,8 @@ class Sampler:
             y = torch.where(seen, torch.where(y > 0, y / rep, y * rep), y)
         # OpenAI: subtract freq * count and, once a token has appeared at all, pres.
         y = y - freq * counts - pres * occurred
-        x = x.clone(memory_format=torch.contiguous_format)  # the caller's logits stay as they were
-        x.index_copy_(0, idx, y)
+        x = _own_float32(x)  # the caller's logits stay as they were
+        x.index_copy_(0, idx, y.to(x.dtype))
         return x
 
     def _distinct_prompt_ids(self, request: Request, device: torch.device, vocab: int) -> torch.Tensor:
@@ -276,7 +285,7 @@ class Sampler:
         if not rows:
             return x
         if x is raw:
-            x = x.clone()
+            x = _own_float32(x)
         keys = to_device([i * vocab + t for i, t in zip(rows, cols)], torch.long, x.device)
         x.view(-1).index_fill_(0, keys, -math.inf)
         return x
@@ -291,10 +300,12 @@ class Sampler:
         if not lp_rows:
             return None
         if len(lp_rows) == len(params):
-            logprobs, chosen_tokens = torch.log_softmax(raw, dim=-1), tokens
+            logprobs = torch.log_softmax(raw, dim=-1, dtype=torch.float32)
+            chosen_tokens = tokens
         else:
             idx = to_device(lp_rows, torch.long, raw.device)
-            logprobs, chosen_tokens = torch.log_softmax(raw[idx], dim=-1), tokens[idx]
+            logprobs = torch.log_softmax(raw[idx], dim=-1, dtype=torch.float32)
+            chosen_tokens = tokens[idx]
         chosen = logprobs.gather(1, chosen_tokens.unsqueeze(1)).squeeze(1)
         counts = [params[i].logprobs for i in lp_rows]
         top_values = top_ids = None

@@ -79,7 +79,8 @@ def philox_uniform_ref(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tens
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """One token id per row of `logits` ([N, V] float32), int64 [N] on the logits' device.
+    """One token id per row of `logits` ([N, V], float32 or a 16-bit dtype, read as float32), int64
+    [N] on the logits' device.
 
     Per-row parameters are 1-D tensors of N on the same device: `temperature` and `top_p`,
     `min_p` float32; `top_k` int32 or int64 (0: off); `seeds`, `offsets` int64 (see the module
@@ -103,6 +104,7 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
                min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Reference of `sample` (any device; reads per-row flags on the host)."""
     n = logits.shape[0]
+    logits = logits.float()
     temps = temperature.tolist()
     tokens = torch.empty(n, dtype=torch.long, device=logits.device)
     greedy = [i for i, t in enumerate(temps) if t < GREEDY_TEMPERATURE]

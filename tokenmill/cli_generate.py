@@ -145,7 +145,8 @@ def generate_command(
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
     max_tokens: int = typer.Option(CLI_DEFAULT_MAX_TOKENS, help="Default max_tokens for lines that give none."),
     temperature: Optional[float] = typer.Option(None, help="Default temperature for lines that give none."),
-    max_num_seqs: int = typer.Option(256, help="Most sequences in one batch."),
+    max_num_seqs: Optional[int] = typer.Option(
+        None, help="Most sequences in one batch [default: from the device: 1,024 on a GPU of 70 GiB or more, else 256]."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ) -> None:
     """Generate a completion for every line of a JSONL file, on the local engine. The model and the

@@ -79,7 +79,7 @@ def worker_command(
         model=str(model_dir), served_model=served, device=device, dtype=dtype, load_format=load_format,
         database_url=settings.database_url, redis_url=settings.redis_url,
         concurrency=concurrency or settings.worker_concurrency,
-        max_num_seqs=max_num_seqs or settings.max_num_seqs, max_attempts=settings.max_attempts,
+        max_num_seqs=max_num_seqs or settings.max_num_seqs or None, max_attempts=settings.max_attempts,
         visibility_timeout_s=settings.visibility_timeout_s,
         loglevel=loglevel.upper(), hostname=hostname,
         num_kv_blocks=(settings.num_kv_blocks if num_kv_blocks is None else num_kv_blocks) or None,

@@ -25,7 +25,7 @@ class Settings:
     model: str = "smollm2-135m-instruct"
     # workers
     worker_concurrency: int = 64  # tasks a worker holds at once (each waits on the shared engine)
-    max_num_seqs: int = 256  # sequences in one engine batch
+    max_num_seqs: int = 0  # sequences in one engine batch; 0: from the device (engine.config.default_batch_limits)
     max_attempts: int = 3  # lost starts before a job runs alone; lost runs alone before it fails
     visibility_timeout_s: int = 3600  # a lost worker's tasks return to the queue after this
     shutdown_grace_s: float = 90.0  # after SIGTERM: time to finish held jobs before handing the rest back

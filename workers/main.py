@@ -30,7 +30,7 @@ class WorkerOptions:
     database_url: str
     redis_url: str
     concurrency: int
-    max_num_seqs: int
+    max_num_seqs: int | None  # None: sized from the device
     max_attempts: int
     visibility_timeout_s: int
     loglevel: str = "INFO"

@@ -155,9 +155,12 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits [N, vocab] in float32 for the rows of `hidden` that need sampling."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Vocabulary logits [N, vocab] for the rows of `hidden` that need sampling: float32, or
+        written into `out` ([N, vocab] in the model's dtype) when it is given."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        if out is not None:
+            return torch.mm(hidden, weight.t(), out=out)
         return F.linear(hidden, weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

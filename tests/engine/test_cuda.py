@@ -120,6 +120,9 @@ def test_graph_batch_sizes_cover_every_batch_up_to_the_cap():
     assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 256 and all(b - a <= 16 for a, b in itertools.pairwise(sizes))
     assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert graph_batch_sizes(1) == [1]
+    large = graph_batch_sizes(1024)  # every decode batch of the large-card default replays a graph
+    assert large[-1] == 1024 and large[:20] == sizes[:20]
+    assert all(b - a <= 32 for a, b in itertools.pairwise(large)) and len(large) <= 48
 
 
 @needs_cuda
