@@ -15,6 +15,10 @@ prompts, and against the roofline of the card measured in the same run (benchmar
 
     python benchmarks/throughput.py --device cuda --suite gpu-small --json out.json
     python benchmarks/throughput.py --device cuda --suite gpu-llama --json out.json
+
+Against vLLM on the same card (greedy and sampled; benchmarks/versus.py, which this delegates to):
+
+    python benchmarks/throughput.py --device cuda --peer vllm --json versus.json
 """
 
 from __future__ import annotations
@@ -359,7 +363,13 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="CUDA only: skip the transformers baseline")
     ap.add_argument("--hf-output-cap", type=int, default=None,
                     help="CUDA only: cap every transformers run's outputs at this many tokens (per-token rate)")
+    ap.add_argument("--peer", choices=["vllm"], default=None,
+                    help="CUDA only: tokenmill and vLLM side by side (benchmarks/versus.py); --json passes on")
     args = ap.parse_args()
+    if args.peer:
+        from versus import main as versus_main
+
+        raise SystemExit(versus_main(["--json", args.json] if args.json else []))
     if args.max_num_batched_tokens is None:
         args.max_num_batched_tokens = 8192 if args.device.startswith("cuda") else 2048
     if args.device.startswith("cuda"):
