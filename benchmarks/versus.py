@@ -278,6 +278,20 @@ def _peer_available(site: str) -> bool:
     return os.path.isdir(os.path.join(site, "vllm"))
 
 
+_RUNNING: list[subprocess.Popen] = []  # the child now running, for the stop handler
+
+
+def _stop(signum, frame) -> None:
+    """On SIGTERM or SIGINT: end the running child's whole session (vLLM's helpers with it), which
+    would otherwise outlive this process and hold the GPU."""
+    for proc in _RUNNING:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
+
+
 def _child(engine: str, group: Group, args) -> list[dict]:
     """Runs one (engine, group) in a child process; its results, or one error row."""
     fd, out = tempfile.mkstemp(suffix=".json")
@@ -291,12 +305,15 @@ def _child(engine: str, group: Group, args) -> list[dict]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # a timeout ends vLLM's helpers too
+    _RUNNING.append(proc)
     try:
         code = proc.wait(timeout=args.timeout or None)
     except subprocess.TimeoutExpired:
         code = "timeout"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    finally:
+        _RUNNING.remove(proc)
     try:
         with open(out) as f:
             rows = json.load(f)
@@ -387,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(rows, f)
         return 0
 
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     if args.engines:
         engines = args.engines.split(",")
     else:
