@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU calls of issue 15, one mode per call (see docs/gpu-notes.md), from the repository root:
 #   bash benchmarks/gpu_suite.sh explore   # CUDA tests, sampling kernel timings, tokenmill Qwen3 (c) + profile
-#   bash benchmarks/gpu_suite.sh a         # carried .peer/c1 stored; tokenmill, every group, Llama profile
-#   bash benchmarks/gpu_suite.sh b         # carried .peer/c2: vLLM installed; vLLM Llama-3.1-8B groups
-#   bash benchmarks/gpu_suite.sh c         # vLLM Qwen3-0.6B group; the side-by-side table of a+b+c
+#   bash benchmarks/gpu_suite.sh a         # carried .peer/c1 stored; sampling tests on CUDA; tokenmill
+#                                          # Qwen3-0.6B (c) and Llama-3.1-8B (a) at 256 seqs, with profiles
+#   bash benchmarks/gpu_suite.sh b         # carried .peer/c2: vLLM installed; vLLM Llama (a) and Qwen3 (c)
+#   bash benchmarks/gpu_suite.sh c         # both engines' Llama-3.1-8B (a) at 1,024 seqs / 16,384 tokens
+# (python benchmarks/versus.py --merge <the three JSON files> prints the side-by-side table.)
 # Results (JSON, logs) go to $OUT (the device tool brings them back), else ./.out.
 set -u
 cd "$(dirname "$0")/.."
@@ -12,6 +14,8 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 mode=${1:?mode: explore, a, b or c}
+# The peer bundle's folder: .peer beside this checkout's root, or above it (a copy run from a subfolder).
+PEER=.peer; [ -f "$PEER/install.sh" ] || PEER=../.peer
 T0=$(date +%s)
 left() { echo $(( ${LIMIT:-560} - ($(date +%s) - T0) )); }  # seconds left of this call's budget
 
@@ -27,18 +31,21 @@ explore)
       --json "$OUT/explore_qwen.json" 2>&1 | grep -v Warning | tail -60 | tee "$OUT/explore_qwen.log"
   ;;
 a)
-  bash .peer/install.sh; echo "install.sh exit $? (3 expected: one part of two)"
-  timeout $(( $(left) - 5 )) $PY benchmarks/versus.py --engines tokenmill --groups qwen-c,llama-a,llama-a-1024 \
-      --profile --timeout 300 --json "$OUT/tokenmill.json" 2>&1 | grep -v Warning | tail -80 | tee "$OUT/tokenmill.log"
+  bash "$PEER/install.sh"; echo "install.sh exit $? (3 expected: one part of two)"
+  timeout 60 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_sampling_kernels.py \
+      tests/engine/test_sampling_statistics.py -k "not cpu" 2>&1 | tail -15 | tee "$OUT/tests.log"
+  timeout 30 $PY benchmarks/sampling_bench.py --rows 1 256 1024 --scale 0.5 --json "$OUT/sampling_bench.json" 2>&1 | tail -12
+  timeout $(( $(left) - 5 )) $PY benchmarks/versus.py --engines tokenmill --groups qwen-c,llama-a \
+      --profile --timeout 230 --json "$OUT/tokenmill.json" 2>&1 | grep -v Warning | tail -60 | tee "$OUT/tokenmill.log"
   ;;
 b)
-  bash .peer/install.sh; echo "install.sh exit $?"
-  timeout $(( $(left) - 5 )) $PY benchmarks/versus.py --engines vllm --groups llama-a,llama-a-1024 \
-      --timeout 330 --json "$OUT/vllm_llama.json" 2>&1 | grep -v -i "warning" | tail -60 | tee "$OUT/vllm_llama.log"
+  bash "$PEER/install.sh"; echo "install.sh exit $?"
+  timeout $(( $(left) - 5 )) $PY benchmarks/versus.py --engines vllm --groups llama-a,qwen-c \
+      --timeout 330 --json "$OUT/vllm.json" 2>&1 | grep -v -i "warning" | tail -50 | tee "$OUT/vllm.log"
   ;;
 c)
-  timeout $(( $(left) - 5 )) $PY benchmarks/versus.py --engines vllm --groups qwen-c --timeout 300 \
-      --json "$OUT/vllm_qwen.json" 2>&1 | grep -v -i "warning" | tail -40 | tee "$OUT/vllm_qwen.log"
+  timeout $(( $(left) - 5 )) $PY benchmarks/versus.py --engines tokenmill,vllm --groups llama-a-1024 \
+      --timeout 250 --json "$OUT/llama_1024.json" 2>&1 | grep -v -i "warning" | tail -30 | tee "$OUT/llama_1024.log"
   ;;
 *) echo "unknown mode $mode"; exit 2 ;;
 esac

@@ -226,6 +226,9 @@ def run_vllm(group: Group, args) -> list[dict]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # tokenmill's packages go last on the path (only the model shapes are read from them), so that
+    # none of their names can stand in for a package vLLM looks for.
+    sys.path.append(ROOT)
     from engine.loader import DUMMY_SHAPES
 
     config = dict(DUMMY_SHAPES[group.shape])
@@ -301,8 +304,12 @@ def _child(engine: str, group: Group, args) -> list[dict]:
         if getattr(args, flag):
             cmd.append(f"--{flag}")
     env = dict(os.environ)
-    paths = [ROOT] + ([args.peer_site] if engine == "vllm" else []) + [env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if engine == "vllm":  # the peer first, and not tokenmill's root (see run_vllm)
+        paths = [args.peer_site] + [p for p in inherited if os.path.abspath(p) != ROOT]
+    else:
+        paths = [ROOT] + inherited
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # a timeout ends vLLM's helpers too
     _RUNNING.append(proc)

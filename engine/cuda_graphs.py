@@ -52,13 +52,15 @@ class DecodeGraphs:
 
     def __init__(self, forward: Callable[..., torch.Tensor],
                  max_batch: int, max_blocks_per_seq: int, max_context_len: int, device: torch.device,
-                 sizes: list[int] | None = None, use_graphs: bool = True) -> None:
+                 sizes: list[int] | None = None, use_graphs: bool = True,
+                 logits_dtype: torch.dtype | None = None) -> None:
         self.forward = forward
         self.sizes = sorted(sizes or graph_batch_sizes(max_batch))
         self.max_batch = self.sizes[-1]
         self.max_context_len = max_context_len
         self.device = device
         self.use_graphs = use_graphs
+        self.logits_dtype = logits_dtype  # None: the dtype of the first forward's logits
         p = self.max_batch
         self.input_ids = torch.zeros(p, dtype=torch.int64, device=device)
         self.positions = torch.zeros(p, dtype=torch.int64, device=device)
@@ -83,7 +85,8 @@ class DecodeGraphs:
         out = None if self.logits is None else self.logits[:size]
         logits = self.forward(self.input_ids[:size], self.positions[:size], self._meta(size), out)
         if self.logits is None:
-            self.logits = torch.empty((self.max_batch, logits.shape[1]), dtype=logits.dtype, device=logits.device)
+            self.logits = torch.empty((self.max_batch, logits.shape[1]), dtype=self.logits_dtype or logits.dtype,
+                                      device=logits.device)
             self.logits[:size].copy_(logits)
             logits = self.logits[:size]
         return logits

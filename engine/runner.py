@@ -93,7 +93,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if is_cuda and not enforce_eager:
             self.graphs = DecodeGraphs(self._forward_logits, max_num_seqs, self.max_blocks_per_seq,
-                                       self.max_model_len, device)
+                                       self.max_model_len, device, logits_dtype=dtype)
             self.graphs.capture()
         self.last_step: tuple[np.ndarray, np.ndarray] | None = None  # (query lens, context lens)
 
@@ -213,8 +213,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_tokens: list[int], sample_rows: list[int],
                 feed: TokenFeed | None = None) -> torch.Tensor:
-        """Runs the step; returns logits of the last token of each request in `sample_rows` (float32,
-        or the model's dtype from a decode graph; valid until the next step runs).
+        """Runs the step; returns logits of the last token of each request in `sample_rows` (float32
+        on the CPU, the model's dtype on CUDA; a decode graph's are valid until the next step runs).
 
         `feed` names the rows whose input token is still on the device (overlapped steps)."""
         n = len(requests)
@@ -247,4 +247,5 @@ class ModelRunner:
             idx = buf.sample_idx_t[:k].to(self.device, non_blocking=True)
             self._mark_copied(buf)
             picked = hidden.index_select(0, idx)
-        return self.model.compute_logits(picked)
+        # On CUDA the sampler reads 16-bit logits as they are (no float32 copy of [rows, vocab]).
+        return self.model.compute_logits(picked, float32=self.device.type != "cuda")

@@ -1,28 +1,34 @@
-"""Drawing one token per row of logits: temperature, top-k, top-p, min-p, then one uniform draw.
+"""Drawing one token per row of logits: temperature, top-k, top-p, min-p, then a draw.
 
-The function computed, per row (what `sample` returns, on any device):
+The distribution, per row:
 
 1. A row whose temperature is below `GREEDY_TEMPERATURE` takes its argmax (the first, on ties).
-2. Otherwise z = logits / temperature, and each filter sets a threshold on z; a token is kept when
+2. Otherwise z = logits * (1 / temperature), and each filter sets a cut on z; a token is kept when
    its z is at or above all of them, so tokens tied at a cut are all kept:
    - top-k (0 < k < vocab): the k-th largest z;
    - top-p (< 1): the largest value v with mass(z >= v, among what top-k kept) >= top_p times the
      mass top-k kept, where mass is the sum of exp(z - max z);
    - min-p (> 0): max z + log(min_p), i.e. probability >= min_p times the top probability.
-3. One uniform number u in [0, 1) per row picks the token where u times the kept mass falls in the
-   running sum of exp(z - max z) over the kept tokens, taken in vocabulary order (inverse CDF).
+   The token is drawn with probability proportional to exp(z - max z) among the kept tokens
+   (`filtered_probs_ref` gives this distribution).
 
-u comes from Philox-4x32-10 keyed by the row's 64-bit seed, with the row's 64-bit offset as the
-counter: the caller gives each request its own seed and counts its draws in the offset, so a
-request draws the same tokens whatever else shares the batch, and no generator state lives
-anywhere. Both implementations derive u the same way, bit for bit.
+The draw, the same in both implementations: round r takes a uniform u_r and picks, in a fixed
+token order (`draw_order`), the token where u_r times the domain's mass falls in the running sum;
+the first domain is what top-k and min-p keep. Top-p is then applied by rejection: the token is
+kept when the mass of the tokens above it is under top_p times the mass top-k kept (exactly when
+it is at or above the top-p cut); otherwise the next round draws from the tokens above it, which
+still hold every kept token. A kept draw is a draw from the kept set, so no sort and no search for
+the top-p cut are needed; after MAX_ROUNDS rejections (a rare, very flat row with a small top_p)
+the cut is found directly and drawn under.
 
-The PyTorch reference (`sample_ref`) finds the thresholds from a `topk` candidate list (a full sort
-only when the kept tokens run past the candidates) and is what the CPU runs; it reads per-row
-flags back to the host, which costs nothing there. The Triton kernel (kernels/triton/sampling.py)
-finds the same thresholds without sorting and without the host: a few passes over the row, each
-counting the weight at or above a handful of pivots and narrowing the bracket around the cut.
-The two differ only in float rounding of the masses near a top-p cut.
+u_r comes from Philox-4x32-10 keyed by the row's 64-bit seed, with counter (offset, r): the caller
+gives each request its own seed and counts its draws in the offset, so a request draws the same
+tokens whatever else shares the batch, and no generator state lives anywhere.
+
+The PyTorch reference (`sample_ref`) is what the CPU runs; the Triton kernel
+(kernels/triton/sampling.py) computes the same thing on a GPU without waiting for the host. They
+differ only in float rounding (the order of the mass sums), which can move a draw that lands
+within rounding of a boundary.
 """
 
 from __future__ import annotations
@@ -37,10 +43,15 @@ from kernels.dispatch import use_triton
 # Below this temperature a row is greedy: dividing by it could overflow float32, and the result
 # would be the argmax anyway.
 GREEDY_TEMPERATURE = 1e-5
-# How many top tokens the reference looks at before falling back to a full sort. Top-p at 0.9-0.95
-# and min-p on a trained model's logits nearly always keep far fewer; `topk` of this many costs
-# about two passes over the row, a full sort some fifty.
+# How many top tokens `Filters` looks at before falling back to a full sort. Top-p at 0.9-0.95 and
+# min-p on a trained model's logits nearly always keep far fewer; `topk` of this many costs about
+# two passes over the row, a full sort some fifty.
 CANDIDATES = 512
+# The draw's token order: lane j holds tokens j, j + DRAW_LANES, j + 2 DRAW_LANES, ..., lanes in
+# order (the kernel's running sums go lane by lane, which keeps its passes free of synchronisation).
+DRAW_LANES = 1024
+# Rejection rounds before the top-p cut is looked for directly.
+MAX_ROUNDS = 12
 
 _MASK32 = 0xFFFFFFFF
 # Philox-4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011).
@@ -66,13 +77,15 @@ def philox4x32_ref(counter: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     return c0, c1, c2, c3
 
 
-def philox_uniform_ref(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def philox_uniform_ref(seeds: torch.Tensor, offsets: torch.Tensor, rounds: torch.Tensor | int = 0) -> torch.Tensor:
     """u in [0, 1) per row, float32: the top 24 bits of the first word of Philox-4x32-10 with key
-    (seed low 32 bits, seed high 32 bits) and counter (offset low, offset high, 0, 0)."""
+    (seed low 32 bits, seed high 32 bits) and counter (offset low, offset high, round, 0)."""
     s = seeds.detach().cpu().numpy().astype(np.int64).view(np.uint64)
     o = offsets.detach().cpu().numpy().astype(np.int64).view(np.uint64)
     m32, zero = np.uint64(_MASK32), np.zeros(s.shape, dtype=np.uint64)
-    word = philox4x32_ref((o & m32, o >> np.uint64(32), zero, zero), (s & m32, s >> np.uint64(32)))[0]
+    r = (rounds.detach().cpu().numpy() if isinstance(rounds, torch.Tensor) else np.full(s.shape, rounds))
+    r = r.astype(np.uint64) & m32
+    word = philox4x32_ref((o & m32, o >> np.uint64(32), r, zero), (s & m32, s >> np.uint64(32)))[0]
     u = (word >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)
     return torch.from_numpy(u).to(seeds.device)
 
@@ -100,34 +113,90 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 # -- the reference ---------------------------------------------------------------------------------
 
 
+def draw_order(vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Token ids in the order the draw's running sum takes them (see DRAW_LANES)."""
+    blocks = -(-vocab // DRAW_LANES)
+    order = (torch.arange(DRAW_LANES, device=device).unsqueeze(1)
+             + torch.arange(blocks, device=device).unsqueeze(0) * DRAW_LANES).flatten()
+    return order[order < vocab]
+
+
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-               min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Reference of `sample` (any device; reads per-row flags on the host)."""
-    n = logits.shape[0]
-    logits = logits.float()
-    temps = temperature.tolist()
-    tokens = torch.empty(n, dtype=torch.long, device=logits.device)
-    greedy = [i for i, t in enumerate(temps) if t < GREEDY_TEMPERATURE]
-    rand = [i for i, t in enumerate(temps) if t >= GREEDY_TEMPERATURE]
-    if greedy:
-        gi = torch.tensor(greedy, device=logits.device)
-        tokens[gi] = logits[gi].argmax(dim=-1)
-    if rand:
-        ri = torch.tensor(rand, device=logits.device) if len(rand) < n else None
-
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            return t if ri is None else t[ri.to(t.device)]
-
-        x = pick(logits)
-        filters = Filters(x, pick(temperature).tolist(), pick(top_k).tolist(), pick(top_p).tolist(),
-                          pick(min_p).tolist())
-        u = philox_uniform_ref(pick(seeds), pick(offsets)).to(x.device)
-        drawn = _draw(x, filters, u)
-        if ri is None:
-            tokens = drawn
-        else:
-            tokens[ri] = drawn
+               min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
+               rounds: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of `sample` (any device; reads per-row flags on the host). `rounds`, if given
+    (int32 [N]), receives how many uniforms each row used (0 for greedy rows)."""
+    n, vocab = logits.shape
+    x = logits.float()
+    device = x.device
+    temps = temperature.float()
+    tokens = torch.zeros(n, dtype=torch.long, device=device)
+    used = torch.zeros(n, dtype=torch.int32, device=device)
+    greedy = temps < GREEDY_TEMPERATURE
+    if bool(greedy.any()):
+        tokens[greedy] = x[greedy].argmax(dim=-1)
+    rand = (~greedy).nonzero().flatten()
+    if rand.numel():
+        tokens[rand], used[rand] = _sample_rows(
+            x[rand], temps[rand], top_k[rand].long(), top_p[rand].float(), min_p[rand].float(),
+            seeds[rand], offsets[rand])
+    if rounds is not None:
+        rounds.copy_(used)
     return tokens
+
+
+def _sample_rows(x, temps, top_k, top_p, min_p, seeds, offsets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws for rows that are not greedy: (tokens, uniforms used per row)."""
+    r, vocab = x.shape
+    device = x.device
+    inf = torch.full((r,), math.inf, device=device)
+    z = x * (1.0 / temps).unsqueeze(1)
+    m = z.max(dim=-1).values
+    w = torch.exp(z - m.unsqueeze(1))
+    finite = torch.isfinite(z).sum(dim=-1)
+    has_k = (top_k > 0) & (top_k < finite)
+    k_cut = -inf
+    if bool(has_k.any()):
+        ranked = z.topk(int(top_k[has_k].max()), dim=-1).values
+        k_cut = torch.where(has_k, ranked.gather(1, (top_k - 1).clamp(0, ranked.shape[1] - 1).unsqueeze(1)).squeeze(1),
+                            -inf)
+    floor = torch.maximum(k_cut, torch.where(min_p > 0, m + torch.log(min_p), -inf))
+    kept_k = (w * (z >= k_cut.unsqueeze(1))).sum(dim=-1)
+    goal = top_p * kept_k
+    order = draw_order(vocab, device)
+    lower, strict = floor.clone(), torch.zeros(r, dtype=torch.bool, device=device)
+    tokens = torch.zeros(r, dtype=torch.long, device=device)
+    used = torch.zeros(r, dtype=torch.int32, device=device)
+    active = torch.ones(r, dtype=torch.bool, device=device)
+    for rnd in range(MAX_ROUNDS):
+        tok, z_tok = _draw_in(z, w, lower, strict, order, philox_uniform_ref(seeds, offsets, rnd).to(device))
+        above = (w * (z > z_tok.unsqueeze(1))).sum(dim=-1)
+        keep = active & ((top_p >= 1.0) | (above < goal))
+        tokens[keep], used[keep] = tok[keep], rnd + 1
+        active &= ~keep
+        if not bool(active.any()):
+            return tokens, used
+        lower = torch.where(active, z_tok, lower)
+        strict |= active
+    # Out of rounds: the top-p cut itself, then one draw under it.
+    desc, at = z.sort(dim=-1, descending=True)
+    reach = w.gather(1, at).cumsum(dim=-1)
+    j = torch.searchsorted(reach, goal.unsqueeze(1)).clamp(max=vocab - 1)
+    cut = torch.maximum(desc.gather(1, j).squeeze(1), floor)
+    tok, _ = _draw_in(z, w, cut, torch.zeros_like(strict), order,
+                      philox_uniform_ref(seeds, offsets, MAX_ROUNDS).to(device))
+    tokens[active], used[active] = tok[active], MAX_ROUNDS + 1
+    return tokens, used
+
+
+def _draw_in(z, w, lower, strict, order, u) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the token where u times the mass of {z > lower (strict) or >= lower} falls in the
+    running sum taken in `order`; and its z."""
+    lo = lower.unsqueeze(1)
+    inside = torch.where(strict.unsqueeze(1), z > lo, z >= lo)
+    pos = _inverse_cdf((w * inside)[:, order], u)
+    tok = order[pos]
+    return tok, z.gather(1, tok.unsqueeze(1)).squeeze(1)
 
 
 def filtered_probs_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -138,54 +207,16 @@ def filtered_probs_ref(logits: torch.Tensor, temperature: float, top_k: int, top
         out = torch.zeros_like(logits)
         out[logits.argmax()] = 1.0
         return out
-    row = logits.unsqueeze(0)
+    row = logits.float().unsqueeze(0)
     filters = Filters(row, [temperature], [top_k], [top_p], [min_p])
-    z = row / filters.temperature.unsqueeze(1)
+    z = filters.scaled()
     z = z.masked_fill(z < filters.threshold.unsqueeze(1), -math.inf)
     return torch.softmax(z, dim=-1)[0]
 
 
-def _draw(x: torch.Tensor, filters: Filters, u: torch.Tensor) -> torch.Tensor:
-    """One token per row of x from softmax(x / T) restricted to what the filters keep."""
-    device = x.device
-    m = x.shape[0]
-    tokens = torch.empty(m, dtype=torch.long, device=device)
-
-    fits = [i for i in range(m) if filters.fits[i]]
-    if fits:
-        # Every kept token is a candidate: draw among candidates, put back in vocabulary order.
-        idx = torch.tensor(fits, device=device)
-        cand_ids = filters.cand_ids[idx]
-        cand_z = filters.cand_z[idx]
-        kept = (cand_z >= filters.threshold[idx].unsqueeze(1)) & filters.valid[idx]
-        order = cand_ids.masked_fill(~kept, x.shape[1]).argsort(dim=-1)
-        weights = torch.exp(cand_z.gather(1, order) - filters.z_max[idx].unsqueeze(1))
-        weights = weights * kept.gather(1, order)
-        pick = _inverse_cdf(weights, u[idx])
-        tokens[idx] = cand_ids.gather(1, order).gather(1, pick.unsqueeze(1)).squeeze(1)
-
-    rest = [i for i in range(m) if not filters.fits[i]]
-    if rest:
-        idx = torch.tensor(rest, device=device) if len(rest) < m else None
-        # z is the draw's own (an indexed copy, or the cached z / T it is the last user of), so
-        # it is changed in place: each of these is a pass over [r, V].
-        z = filters.scaled(idx)
-        z_max = filters.z_max if idx is None else filters.z_max[idx]
-        threshold = filters.threshold if idx is None else filters.threshold[idx]
-        if bool(torch.isfinite(threshold).any()):
-            z.masked_fill_(z < threshold.unsqueeze(1), -math.inf)
-        weights = z.sub_(z_max.unsqueeze(1)).exp_()
-        picked = _inverse_cdf(weights, u if idx is None else u[idx])
-        if idx is None:
-            tokens = picked
-        else:
-            tokens[idx] = picked
-    return tokens
-
-
 class Filters:
-    """Per-row temperature and the threshold on scaled logits z = x / T that top-k, top-p and min-p
-    set (the reference's way: from sorted candidates).
+    """Per-row temperature and the cut on scaled logits z = x * (1 / T) that top-k, top-p and min-p
+    set, found from sorted candidates: the distribution's definition, for `filtered_probs_ref`.
 
     `cand_ids` / `cand_z` are each row's top candidates (descending), `valid` marks the columns that
     belong to the row (rows look at different numbers of candidates), and `fits[i]` says whether
@@ -209,7 +240,7 @@ class Filters:
         ]
         columns = max(width)
         raw_values, self.cand_ids = x.topk(columns, dim=-1)
-        self.cand_z = raw_values / self.temperature.unsqueeze(1)
+        self.cand_z = raw_values * (1.0 / self.temperature).unsqueeze(1)
         self.z_max = self.cand_z[:, 0]
         width_t = torch.tensor(width, device=device)
         self.valid = torch.arange(columns, device=device).unsqueeze(0) < width_t.unsqueeze(1)
@@ -243,9 +274,9 @@ class Filters:
         ).tolist()
 
     def scaled(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """z = x / T of all rows, or a copy of some rows; one full pass, done at most once."""
+        """z = x * (1 / T) of all rows, or a copy of some rows; one full pass, done at most once."""
         if self._z is None:
-            self._z = self._x / self.temperature.unsqueeze(1)
+            self._z = self._x * (1.0 / self.temperature).unsqueeze(1)
         return self._z if rows is None else self._z[rows]
 
     def _top_p(self, x, top_p, rows, top_k, threshold_k, whole_row) -> torch.Tensor:

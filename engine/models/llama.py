@@ -155,13 +155,16 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Vocabulary logits [N, vocab] for the rows of `hidden` that need sampling: float32, or
-        written into `out` ([N, vocab] in the model's dtype) when it is given."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None,
+                       float32: bool = True) -> torch.Tensor:
+        """Vocabulary logits [N, vocab] for the rows of `hidden` that need sampling: in float32, or
+        as the matmul gives them (the model's dtype) with `float32=False` or when written into `out`
+        ([N, vocab], the model's dtype)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
         if out is not None:
             return torch.mm(hidden, weight.t(), out=out)
-        return F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight)
+        return logits.float() if float32 else logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies Hugging Face named tensors into the parameters, one at a time.
