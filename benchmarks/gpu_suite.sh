@@ -40,7 +40,7 @@ a)
 b)
   bash "$PEER/install.sh"; echo "install.sh exit $?"
   timeout $(( $(left) - 5 )) $PY benchmarks/versus.py --engines vllm --groups llama-a,qwen-c \
-      --timeout 330 --json "$OUT/vllm.json" 2>&1 | grep -v -i "warning" | tail -50 | tee "$OUT/vllm.log"
+      --timeout 420 --json "$OUT/vllm.json" 2>&1 | grep -v -i "warning" | tail -50 | tee "$OUT/vllm.log"
   ;;
 c)
   timeout $(( $(left) - 5 )) $PY benchmarks/versus.py --engines tokenmill,vllm --groups llama-a-1024 \

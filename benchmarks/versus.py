@@ -80,14 +80,6 @@ def make_workload(workload: str, vocab: int) -> tuple[list[list[int]], list[int]
     raise ValueError(f"unknown workload {workload!r}")
 
 
-def warmup_prompts(vocab: int, count: int, length: int) -> list[list[int]]:
-    """Prompts of their own (no prefix shared with the workload)."""
-    import numpy as np
-
-    rs = np.random.RandomState(12345)
-    return [rs.randint(10, vocab, size=length).tolist() for _ in range(count)]
-
-
 def sampling_fields(name: str, index: int) -> dict:
     fields = dict(SAMPLINGS[name])
     seeded = fields.pop("seeded", False)
@@ -99,7 +91,7 @@ def sampling_fields(name: str, index: int) -> dict:
 # -- tokenmill -------------------------------------------------------------------------------------
 
 
-def run_tokenmill(group: Group, args) -> list[dict]:
+def run_tokenmill(group: Group, args, emit) -> list[dict]:
     import torch
 
     from engine import LLM, SamplingParams
@@ -119,12 +111,15 @@ def run_tokenmill(group: Group, args) -> list[dict]:
               max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=GPU_MEMORY_UTILIZATION)
     init_s = time.perf_counter() - t0
     engine, runner = llm.engine, llm.engine.runner
-    # Warm-up: several batch sizes (Triton compiles each launch variant once), greedy and sampled.
+    # Warm-up on the workload's own prompts at several batch sizes, greedy and sampled: Triton
+    # compiles a kernel variant the first time it meets a new launch shape (prefill chunk lengths
+    # among them), and that must not happen inside the timing. The cached blocks are dropped below.
     for n in (1, 3, 17, 64, 300) if not args.smoke else (2,):
-        llm.generate(warmup_prompts(vocab, n, 40), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        llm.generate(prompts[:n], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     for name in group.samplings:
-        llm.generate(warmup_prompts(vocab, 64, 40),
-                     [SamplingParams(max_tokens=8, ignore_eos=True, **sampling_fields(name, i)) for i in range(64)])
+        for n in (3, 64) if not args.smoke else (2,):
+            llm.generate(prompts[:n], [SamplingParams(max_tokens=8, ignore_eos=True, **sampling_fields(name, i))
+                                       for i in range(n)])
     sync()
 
     execute, read = runner.execute, SampledStep.read
@@ -178,8 +173,10 @@ def run_tokenmill(group: Group, args) -> list[dict]:
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         })
         print(json.dumps(results[-1]), flush=True)
+        emit(results)
     if args.profile and device == "cuda":
         results.append(_profile_tokenmill(llm, group, prompts, vocab))
+        emit(results)
     return results
 
 
@@ -217,7 +214,7 @@ def _profile_tokenmill(llm, group: Group, prompts, vocab: int) -> dict:
 # -- vLLM (our own runner of its public API) -------------------------------------------------------
 
 
-def run_vllm(group: Group, args) -> list[dict]:
+def run_vllm(group: Group, args, emit) -> list[dict]:
     for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("VLLM_NO_USAGE_STATS", "1"),
                        ("DO_NOT_TRACK", "1")):
         os.environ.setdefault(key, value)
@@ -251,9 +248,9 @@ def run_vllm(group: Group, args) -> list[dict]:
         return SamplingParams(max_tokens=max_tokens, ignore_eos=True, detokenize=False,
                               **sampling_fields(name, index))
 
-    for name in group.samplings:  # warm-up: each sampling path once, outside the timing
-        warm = [TokensPrompt(prompt_token_ids=p) for p in warmup_prompts(vocab, 8, 32)]
-        llm.generate(warm, [params(name, i, 8) for i in range(8)], use_tqdm=False)
+    for name in group.samplings:  # warm-up: each sampling path once, outside the timing, as tokenmill's
+        warm = [TokensPrompt(prompt_token_ids=p) for p in prompts[:64]]
+        llm.generate(warm, [params(name, i, 8) for i in range(len(warm))], use_tqdm=False)
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     results = []
     for name in group.samplings:
@@ -271,6 +268,7 @@ def run_vllm(group: Group, args) -> list[dict]:
             "torch": torch.__version__,
         })
         print(json.dumps(results[-1]), flush=True)
+        emit(results)
     return results
 
 
@@ -323,12 +321,14 @@ def _child(engine: str, group: Group, args) -> list[dict]:
         _RUNNING.remove(proc)
     try:
         with open(out) as f:
-            rows = json.load(f)
+            rows = json.load(f)  # every run the child finished, even if it was stopped later
     except (OSError, ValueError):
-        rows = [{"engine": engine, "sampling": None, "error": f"child exit {code}",
-                 "wall_s": round(time.perf_counter() - t, 1)}]
+        rows = []
     finally:
         os.remove(out)
+    if code != 0:
+        rows.append({"engine": engine, "sampling": None, "error": f"child exit {code}",
+                     "wall_s": round(time.perf_counter() - t, 1)})
     for r in rows:
         r.update(group=group.name, model=group.shape, workload=group.workload,
                  max_num_seqs=group.max_num_seqs, max_num_batched_tokens=group.max_num_batched_tokens,
@@ -406,9 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown group(s) {unknown}; known: {', '.join(known)}")
     groups = [known[n] for n in args.groups.split(",")]
     if args._child:
-        rows = (run_vllm if args._child == "vllm" else run_tokenmill)(groups[0], args)
-        with open(args._out, "w") as f:
-            json.dump(rows, f)
+        def emit(rows: list[dict]) -> None:  # after every run: a timeout later loses none of them
+            with open(args._out + ".tmp", "w") as f:
+                json.dump(rows, f)
+            os.replace(args._out + ".tmp", args._out)
+
+        emit((run_vllm if args._child == "vllm" else run_tokenmill)(groups[0], args, emit))
         return 0
 
     signal.signal(signal.SIGTERM, _stop)

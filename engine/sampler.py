@@ -140,12 +140,17 @@ class Sampler:
             return raw, x.argmax(dim=-1)
         dev = x.device
         rows = [self._row(r) for r in requests]
-        # Two copies per step: the float columns and the integer columns, each row contiguous.
+        # Two copies per step: the float columns and the integer columns. Each column is padded to
+        # a multiple of 4 entries, so every one starts 16-byte aligned whatever the batch size
+        # (Triton compiles a kernel variant per argument alignment: a column starting misaligned
+        # at some batch sizes would compile a second and third variant in the middle of a run).
+        n = len(requests)
+        pad = (0,) * (-n % 4)
         t, p, mp, k, seed, base = zip(*rows)
-        floats = to_device([t, p, mp], torch.float32, dev)
-        offsets = [o + len(r.output_token_ids) + r.num_pending for o, r in zip(base, requests)]
-        ints = to_device([k, seed, offsets], torch.int64, dev)
-        tokens = sample(x, floats[0], ints[0], floats[1], floats[2], ints[1], ints[2])
+        floats = to_device([t + pad, p + pad, mp + pad], torch.float32, dev)
+        offsets = tuple(o + len(r.output_token_ids) + r.num_pending for o, r in zip(base, requests))
+        ints = to_device([k + pad, seed + pad, offsets + pad], torch.int64, dev)
+        tokens = sample(x, floats[0, :n], ints[0, :n], floats[1, :n], floats[2, :n], ints[1, :n], ints[2, :n])
         return raw, tokens
 
     def _row(self, r: Request) -> tuple[float, float, float, int, int, int]:

@@ -271,6 +271,12 @@ def _sample_kernel(x_ptr, stride_x, V, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr
     tl.store(rounds_ptr + row, used)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied to a fresh (aligned) allocation if it starts off a 16-byte boundary: Triton
+    compiles one kernel variant per argument alignment, and each costs seconds the first time."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
                   rounds: torch.Tensor | None = None) -> torch.Tensor:
@@ -286,7 +292,7 @@ def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         rounds = torch.empty(n, dtype=torch.int32, device=logits.device)
     _sample_kernel[(n,)](
         logits, logits.stride(0), vocab,
-        *(t.to(dtype).contiguous() for t, dtype in (
+        *(_aligned(t.to(dtype).contiguous()) for t, dtype in (
             (temperature, torch.float32), (top_k, torch.int32), (top_p, torch.float32), (min_p, torch.float32),
             (seeds, torch.int64), (offsets, torch.int64))),
         out, rounds,
