@@ -36,7 +36,8 @@ import torch
 
 from engine.request import Request, TokenLogprob
 from engine.sampling_params import SamplingParams
-from kernels.sampling import GREEDY_TEMPERATURE, SEED_BITS, filtered_probs_ref, sample
+from kernels import sample
+from kernels.sampling import GREEDY_TEMPERATURE, SEED_BITS, filtered_probs_ref
 
 # A seeded request's n completions share its seed; the completion's index goes into the high bits
 # of the Philox counter, above any count of drawn tokens.

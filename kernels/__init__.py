@@ -10,6 +10,7 @@ from kernels.attention import paged_attention, write_kv
 from kernels.metadata import AttnMetadata
 from kernels.norm import fused_add_rms_norm, rms_norm
 from kernels.rotary import apply_rotary, rotary_cos_sin
+from kernels.sampling import sample
 
 __all__ = [
     "AttnMetadata",
@@ -18,6 +19,7 @@ __all__ = [
     "paged_attention",
     "rms_norm",
     "rotary_cos_sin",
+    "sample",
     "silu_and_mul",
     "write_kv",
 ]
