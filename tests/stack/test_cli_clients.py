@@ -66,8 +66,13 @@ def test_cli_clients_submit_follow_batches_and_report_usage(up_factory, tmp_path
     assert batch_id in tm(stack, "batch", "list").stdout
     assert "completed" in tm(stack, "batch", "status", batch_id).stdout
 
-    # Ctrl-C while following leaves the batch running and says how to reattach.
-    follower = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "batch", "submit", str(batch_in), "--wait"],
+    # Ctrl-C while following leaves the batch running and says how to reattach. This batch's
+    # requests generate 48 tokens each, so it is still running when the signal comes (6 requests
+    # of 8 tokens could finish within the second the test waits, and the follower exit 0).
+    long_in = tmp_path / "long.jsonl"
+    long_in.write_text("".join(json.dumps({**x, "body": {**x["body"], "max_tokens": 48, "min_tokens": 48}}) + "\n"
+                               for x in lines))
+    follower = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "batch", "submit", str(long_in), "--wait"],
                                 cwd=REPO, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     second = follower.stdout.readline().strip()
     time.sleep(1.0)  # the progress loop is running

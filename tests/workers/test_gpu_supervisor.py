@@ -73,7 +73,12 @@ def test_worker_gpus_all_pins_each_child_and_keeps_torch_out_of_the_parent(tmp_p
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(set(seen.values())) < 2:
+            parent_cmdline = _cmdline(parent.pid)
             for child in _children(parent.pid):
+                # Between fork and exec a child still shows the parent's command line and
+                # environment (CUDA_VISIBLE_DEVICES=3,5): read its pin only once it has exec'd.
+                if _cmdline(child) in (b"", parent_cmdline):
+                    continue
                 pin = _environ(child).get("CUDA_VISIBLE_DEVICES")
                 if pin is not None:
                     seen[child] = pin
@@ -105,6 +110,13 @@ def _children(pid: int) -> list[int]:
         except OSError:
             pass
     return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _environ(pid: int) -> dict[str, str]:
