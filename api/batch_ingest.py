@@ -2,10 +2,13 @@
 (`api.batch_lines`), into bulk jobs in the store.
 
 Plain steps: the store readies the batch (it must be ``validating``; jobs left by an ingestion that
-died half-way are dropped); the good lines' jobs go in a group at a time while no line has been
-refused; at the end the batch opens (``in_progress`` with its total) or fails with the refused
-lines' errors. Memory stays bounded by one group. A batch cancelled meanwhile stops the ingestion
-at the next group, and keeps no queued job.
+died half-way are dropped); the lines' jobs go in a group at a time while the file has no error;
+at the end the batch opens (``in_progress`` with its total) or fails with the file's errors.
+A line whose body alone was refused becomes a job that is ``failed`` from the start (its error is
+that request's 400, written to the batch's error file), counted in the batch like any other
+request; the file's errors (not JSON, custom_id, method, url, model, size) fail the whole batch.
+Memory stays bounded by one group. A batch cancelled meanwhile stops the ingestion at the next
+group, and keeps no queued job.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-from api.batch_lines import BatchLine, BodyPreparer, LineError, LineRules
+from api.batch_lines import BatchLine, BodyPreparer, LineError, LineRules, refused_request
 from store import JobSpec, Store, batch_job_id
 from store.models import Batch
 
@@ -41,8 +44,9 @@ class IngestReport:
 
 
 class _FileCheck:
-    """One pass over a batch file: the good lines, while no line has been refused; the errors and
-    the number of requests (non-blank lines) as they are found."""
+    """One pass over a batch file: the lines that become jobs (good ones, and those whose body
+    alone was refused) while the file has no error; the file's errors and the number of requests
+    (non-blank lines) as they are found."""
 
     def __init__(self, rules: LineRules, max_lines: int) -> None:
         self._rules = rules
@@ -55,9 +59,10 @@ class _FileCheck:
         if len(self.errors) < MAX_ERRORS:
             self.errors.append(error)
 
-    def good_lines(self, lines: Iterable[tuple[int, bytes]]) -> Iterator[BatchLine]:
-        """The good lines of ``lines`` (numbered, as the store reads them) while none was refused;
-        after a refusal the rest is still checked, so that the report names every bad line."""
+    def job_lines(self, lines: Iterable[tuple[int, bytes]]) -> Iterator[BatchLine | LineError]:
+        """The lines of ``lines`` (numbered, as the store reads them) that become jobs, while the
+        file has no error; after one the rest is still checked, so that the report names every
+        bad line."""
         try:
             for number, raw in lines:
                 if not raw.strip():
@@ -68,9 +73,7 @@ class _FileCheck:
                                           f"a batch holds at most {self._max_lines} requests"))
                     return
                 outcome = self._rules.check(number, raw)
-                # Any refused line fails the batch, a refused body too (such an error names its
-                # request's custom_id, should that request one day fail alone).
-                if isinstance(outcome, LineError):
+                if isinstance(outcome, LineError) and not outcome.of_request:
                     self.refuse(outcome)
                 elif not self.errors:
                     yield outcome
@@ -78,10 +81,16 @@ class _FileCheck:
             self.refuse(LineError(None, "invalid_file", str(exc)))
 
 
-def _job(batch: Batch, line: BatchLine, priority: int) -> JobSpec:
+def _job(batch: Batch, line: BatchLine | LineError, priority: int, model: str | None) -> JobSpec:
     # The id follows the line number: the output and error files, read in id order, then list
     # the results in the order of the input file.
-    return JobSpec(id=batch_job_id(batch.id, line.line), model=line.model, request=line.request, kind="bulk", priority=priority,
+    job_id = batch_job_id(batch.id, line.line if line.line is not None else 0)
+    if isinstance(line, LineError):  # its body was refused: the request fails alone, as a 400
+        assert line.custom_id is not None and model is not None
+        return JobSpec(id=job_id, model=model, request=refused_request(line), kind="bulk", priority=priority,
+                       api_key_id=batch.api_key_id, batch_id=batch.id, custom_id=line.custom_id,
+                       expires_at=batch.expires_at, error=(line.code, line.message))
+    return JobSpec(id=job_id, model=line.model, request=line.request, kind="bulk", priority=priority,
                    api_key_id=batch.api_key_id, batch_id=batch.id, custom_id=line.custom_id,
                    expires_at=batch.expires_at)
 
@@ -91,18 +100,20 @@ def ingest_batch(store: Store, tenant_id: str, batch_id: str, *, prepare: BodyPr
     """Turns a ``validating`` batch's input file into bulk jobs.
 
     ``prepare`` checks each line's body and returns the request its job stores (None: the body
-    itself). If every line is good the batch moves to ``in_progress``; otherwise it keeps no job,
-    moves to ``failed``, and the report (and the batch's ``errors``) say which lines were wrong.
+    itself). If the file has no error the batch moves to ``in_progress`` (a line whose body was
+    refused is a job already ``failed``); otherwise it keeps no job, moves to ``failed``, and the
+    report (and the batch's ``errors``) say which lines were wrong.
     Raises NotFound or InvalidTransition when the batch cannot be ingested.
     """
     batch = store.batches.start_ingest(tenant_id, batch_id)
     assert batch.input_file_id is not None  # start_ingest refuses a batch without one
     rules = LineRules(batch.endpoint, prepare)
     check = _FileCheck(rules, max_lines)
-    good = check.good_lines(store.files.open_lines(tenant_id, batch.input_file_id))
+    lines = check.job_lines(store.files.open_lines(tenant_id, batch.input_file_id))
     stopped: str | None = None
-    while stopped is None and (group := list(islice(good, jobs_per_insert))):
-        stopped = store.batches.add_jobs(tenant_id, batch_id, [_job(batch, line, priority) for line in group])
+    while stopped is None and (group := list(islice(lines, jobs_per_insert))):
+        stopped = store.batches.add_jobs(tenant_id, batch_id,
+                                         [_job(batch, line, priority, rules.model) for line in group])
     if stopped is None and check.total == 0 and not check.errors:
         check.refuse(LineError(None, "empty_file", "the input file holds no requests"))
     errors = [e.entry() for e in check.errors]

@@ -2,10 +2,16 @@
 
 A line is ``{"custom_id", "method": "POST", "url": <the batch's endpoint>, "body": {"model", ...}}``
 with a custom_id unique in the file, a body that is a valid request of the endpoint, and the same
-model as every other line. :class:`LineRules` checks the lines of one file in order and says what
-became of each: a :class:`BatchLine` (the request its job stores) or a :class:`LineError` (an entry
-of OpenAI's ``errors.data``). Nothing here touches the store: `api.batch_ingest` streams a file
-through these rules into it.
+(served) model as every other line. :class:`LineRules` checks the lines of one file in order and
+says what became of each: a :class:`BatchLine` (the request its job stores) or a :class:`LineError`.
+
+Two kinds of error, as OpenAI's Batch API has them. A line that is not a well-formed request line
+(not JSON, a missing or repeated custom_id, another method, url or model) is the file's error: an
+entry of the batch's ``errors.data``, and the batch fails. A well-formed line whose body the
+endpoint refuses (``max_tokens: -5``, an unknown parameter, an invalid schema, a prompt longer than
+the context) is that request's error alone (``LineError.custom_id`` set): its request fails with a
+400 in the error file and every other line runs. Nothing here touches the store: `api.batch_ingest`
+streams a file through these rules into it.
 """
 
 from __future__ import annotations
@@ -26,9 +32,23 @@ from api.schemas.openai import ChatCompletionRequest, CompletionRequest
 MAX_ID_CHARS = 200  # custom_id and model name
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # how an unpaired surrogate gets into a line
 
+
+
+@dataclass(frozen=True)
+class BodyRefusal:
+    """Why the endpoint refuses a request body, as its 4xx answer would say it: the message, the
+    field (``param``) and OpenAI's ``code``. ``whole_file``: the refusal holds for every line of
+    the batch (the model is not served), so it is the file's error, not one request's."""
+
+    message: str
+    param: str | None = None
+    code: str | None = None
+    whole_file: bool = False
+
+
 # Checks one request body and turns it into the request its job stores: returns the request (a
-# dict), or a message saying what is wrong with the body (a str).
-BodyPreparer = Callable[[dict[str, Any]], "dict[str, Any] | str"]
+# dict), or why the body is refused (a BodyRefusal, or just a message as a str).
+BodyPreparer = Callable[[dict[str, Any]], "dict[str, Any] | BodyRefusal | str"]
 
 
 @dataclass(frozen=True)
@@ -46,13 +66,20 @@ class LineError:
     """A refused line (``line`` None: the file as a whole), as OpenAI reports it in ``errors.data``.
 
     ``custom_id`` is set when the line itself is well-formed and only its request body was
-    refused: such an error concerns that one request, not the file.
+    refused: such an error concerns that one request, not the file (``param`` then names the
+    body's field, as the endpoint's 400 would).
     """
 
     line: int | None
     code: str
     message: str
     custom_id: str | None = None
+    param: str | None = None
+
+    @property
+    def of_request(self) -> bool:
+        """Whether this error is one request's alone (its body was refused), not the file's."""
+        return self.custom_id is not None
 
     def entry(self) -> dict[str, Any]:
         """The ``errors.data`` entry: ``{"code", "message", "line"}``."""
@@ -94,6 +121,26 @@ def _load(raw: bytes) -> Any:
         raise ValueError("the line is not valid JSON: it is nested too deeply") from None
 
 
+REFUSED = "refused"  # the key of the request stored for a line whose body was refused
+
+
+def refused_request(error: LineError) -> dict[str, Any]:
+    """The ``request`` a refused line's job stores: which line it was and the field refused (the
+    body itself may not even be storable; the client has it in its file)."""
+    return {REFUSED: {"line": error.line, "param": error.param}}
+
+
+def refused_param(request: dict[str, Any] | None) -> str | None:
+    """The refused field of a job made from a refused line (None for any other job)."""
+    refused = (request or {}).get(REFUSED)
+    return refused.get("param") if isinstance(refused, dict) else None
+
+
+def is_refused(request: dict[str, Any] | None) -> bool:
+    """Whether a job stands for a batch line whose body was refused."""
+    return isinstance((request or {}).get(REFUSED), dict)
+
+
 class LineRules:
     """The rules for the lines of one batch file, checked in file order: it remembers the
     custom_ids seen and the batch's model (that of its first good line)."""
@@ -125,20 +172,27 @@ class LineRules:
         if not isinstance(body, dict) or not _short_name(body.get("model")):
             return LineError(number, "invalid_body",
                              f"body must be an object with a model (a name of 1 to {MAX_ID_CHARS} characters)")
+        if self.model is not None and body["model"] != self.model:
+            return LineError(number, "mismatched_model",
+                             f"model: every request of a batch must use the same model ({self.model!r})")
+        self._seen.add(custom_id)
+        first_model = self.model is None
+        if first_model:
+            self.model = body["model"]
         # Only a line that escapes a surrogate can hold one (raw surrogates are no UTF-8): the
         # costly re-encoding of the body is paid by those lines alone.
         if _SURROGATE_ESCAPE.search(raw) and not _storable(json.dumps(body, ensure_ascii=False), nul_ok=True):
             return LineError(number, "invalid_body",
                              "body holds an unpaired surrogate (\\ud800-\\udfff), which is not text", custom_id)
-        self._seen.add(custom_id)
         request = body if self._prepare is None else self._prepare(body)
         if isinstance(request, str):
-            return LineError(number, "invalid_body", request, custom_id)
-        if self.model is None:
-            self.model = body["model"]
-        elif body["model"] != self.model:
-            return LineError(number, "invalid_body",
-                             f"model: every request of a batch must use the same model ({self.model!r})")
+            request = BodyRefusal(request)
+        if isinstance(request, BodyRefusal):
+            if request.whole_file:
+                if first_model:  # a model that is not served is not the batch's model
+                    self.model = None
+                return LineError(number, request.code or "invalid_body", request.message)
+            return LineError(number, request.code or "invalid_body", request.message, custom_id, request.param)
         return BatchLine(number, custom_id, body["model"], request)
 
 
@@ -147,9 +201,13 @@ def request_preparer(endpoint: str, registry: ModelRegistry, *, default_max_toke
     endpoint itself would validate it, streaming refused) and turned into its job payload."""
     chat = endpoint == "/v1/chat/completions"
 
-    def prepare(body: dict[str, Any]) -> dict[str, Any] | str:
+    def prepare(body: dict[str, Any]) -> dict[str, Any] | BodyRefusal:
+        if registry.get(body["model"]) is None:  # the same for every line: the file's error
+            return BodyRefusal(f"model: {body['model']!r} is not served here; served models: "
+                               f"{', '.join(registry.names()) or 'none'}", "model", "model_not_found",
+                               whole_file=True)
         if body.get("stream"):
-            return "stream: batch requests cannot stream"
+            return BodyRefusal("stream: batch requests cannot stream", "stream", "invalid_value")
         try:
             if chat:
                 prepared = prepare_chat(ChatCompletionRequest.model_validate(body), registry,
@@ -157,9 +215,11 @@ def request_preparer(endpoint: str, registry: ModelRegistry, *, default_max_toke
             else:
                 prepared = prepare_completion(CompletionRequest.model_validate(body), registry, stream=False)
         except ValidationError as exc:
-            return _validation_message(list(exc.errors()))[1]  # type: ignore[arg-type]
+            param, message = _validation_message(list(exc.errors()))  # type: ignore[arg-type]
+            return BodyRefusal(message, param, "invalid_value")
         except ApiError as exc:
-            return f"{exc.param}: {exc.message}" if exc.param else exc.message
+            message = f"{exc.param}: {exc.message}" if exc.param else exc.message
+            return BodyRefusal(message, exc.param, exc.code or "invalid_value", whole_file=exc.status == 404)
         return prepared.payload
 
     return prepare

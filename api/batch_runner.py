@@ -18,8 +18,9 @@ from datetime import timedelta
 from typing import Any
 
 from api.batch_ingest import ingest_batch
-from api.batch_lines import request_preparer
+from api.batch_lines import is_refused, refused_param, request_preparer
 from api.config import ApiConfig
+from api.errors import error_body
 from api.formats import answer_for
 from api.queue import Dispatcher, QueueUnavailable
 from api.registry import ModelRegistry
@@ -188,12 +189,12 @@ class BatchRunner:
                                         "expired": "the batch expired before this request ran"}.get(job.status,
                                                                                                      "the request failed")
         if job.status == "failed":
-            status = 400 if job.error_code == "invalid_request" else 500
+            # A refused body, or a request the engine refused: the 400 its endpoint would answer.
+            bad_request = is_refused(job.request) or job.error_code == "invalid_request"
+            status = 400 if bad_request else 500
             return {"id": f"batch_req_{job.id}", "custom_id": job.custom_id,
                     "response": {"status_code": status, "request_id": job.id,
-                                 "body": {"error": {"message": message, "type": "invalid_request_error"
-                                                    if status == 400 else "server_error", "param": None,
-                                                    "code": code}}},
+                                 "body": error_body(status, message, refused_param(job.request), code)},
                     "error": None}
         return {"id": f"batch_req_{job.id}", "custom_id": job.custom_id, "response": None,
                 "error": {"code": code, "message": message}}

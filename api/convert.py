@@ -10,12 +10,14 @@ from api.errors import ApiError
 from api.registry import ModelRegistry, PromptError, ServedModel
 from api.schemas.jobs import JobCreate
 from api.schemas.openai import ChatCompletionRequest, CompletionRequest
+from contract.guided import GUIDED_FIELDS, GuideError, check_grammar, grammar_of
 from contract.payload import job_payload
-from contract.sampling import DEFAULT_MAX_TOKENS, min_tokens_problem
+from contract.sampling import DEFAULT_MAX_TOKENS, guided_conflict_problem, min_tokens_problem
 
 # OpenAI field -> engine field, for the fields that pass through unchanged
-_PASSTHROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k", "min_p",
-                "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
+_PASSTHROUGH = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k", "min_p",
+                "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
+                *GUIDED_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,9 @@ def prepare_job(req: JobCreate, registry: ModelRegistry) -> Prepared:
     messages = [m.plain() for m in req.messages] if req.messages is not None else None
     param = "messages" if messages is not None else "prompt"
     prompt_tokens = _count(model, req.prompt, messages, param)
+    _check_n_streams(req.params.n, req.stream, "params.n")
     params = req.params.engine_dict()
+    check_guided(params, "params.")
     max_tokens = fit_max_tokens(model, prompt_tokens, params.get("max_tokens"), DEFAULT_MAX_TOKENS,
                                 param="params.max_tokens", prompt_param=param)
     params["max_tokens"] = max_tokens
@@ -104,7 +108,30 @@ def _check_min_tokens(params: dict[str, Any], param: str) -> None:
         raise ApiError(400, problem, param=param, code="invalid_value")
 
 
-def _common_params(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
+def check_guided(params: dict[str, Any], prefix: str = "") -> None:
+    """The guided-decoding fields of ``params`` (contract.guided's rules): a 400 naming the field
+    for an invalid schema, regex or grammar, or for a field that cannot go with one."""
+    try:
+        found = grammar_of(params)
+        if found is not None:
+            check_grammar(*found)
+    except GuideError as exc:
+        raise ApiError(400, f"{prefix}{exc}", param=prefix + exc.param, code="invalid_value") from None
+    conflict = guided_conflict_problem(found is not None, params.get("min_tokens", 0), bool(params.get("ignore_eos")))
+    if conflict:
+        raise ApiError(400, conflict, param=prefix + ("min_tokens" if params.get("min_tokens") else "ignore_eos"),
+                       code="invalid_value")
+
+
+def _check_n_streams(n: int | None, stream: bool, param: str) -> None:
+    # A stream carries one completion's text; n > 1 is answered whole.
+    if stream and (n or 1) > 1:
+        raise ApiError(400, f"{param} > 1 cannot stream; send stream: false (the answer holds every choice)",
+                       param=param, code="invalid_value")
+
+
+def _common_params(req: CompletionRequest | ChatCompletionRequest, stream: bool) -> dict[str, Any]:
+    _check_n_streams(req.n, stream, "n")
     params: dict[str, Any] = {}
     for name in _PASSTHROUGH:
         value = getattr(req, name)
@@ -112,6 +139,7 @@ def _common_params(req: CompletionRequest | ChatCompletionRequest) -> dict[str, 
             params[name] = value
     if req.stop is not None:
         params["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    check_guided(params)
     return params
 
 
@@ -122,7 +150,10 @@ def prepare_completion(req: CompletionRequest, registry: ModelRegistry, *, strea
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a list holding one prompt
     prompt_tokens = _count(model, prompt, None, "prompt")
-    params = _common_params(req)
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise ApiError(400, f"best_of ({req.best_of}) other than n ({req.n or 1}) is not supported: "
+                            "every completion made is returned", param="best_of", code="invalid_value")
+    params = _common_params(req, stream)
     params["max_tokens"] = fit_max_tokens(model, prompt_tokens, req.max_tokens, DEFAULT_MAX_TOKENS,
                                           param="max_tokens", prompt_param="prompt")
     _check_min_tokens(params, "min_tokens")
@@ -144,7 +175,7 @@ def prepare_chat(req: ChatCompletionRequest, registry: ModelRegistry, *, default
                        param="max_completion_tokens", code="invalid_value")
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    params = _common_params(req)
+    params = _common_params(req, stream)
     params["max_tokens"] = fit_max_tokens(model, prompt_tokens, asked, default_max_tokens, param=param,
                                           prompt_param="messages")
     _check_min_tokens(params, "min_tokens")

@@ -98,7 +98,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str | None, str]:
     same = [e for e in errors if _param_of(tuple(e.get("loc", ()))) == param]
     msgs: list[str] = []
     for e in same:
-        m = "this field is required" if e.get("type") == "missing" else str(e.get("msg", "invalid value"))
+        m = {"missing": "this field is required", "extra_forbidden": "unrecognized request argument"}.get(
+            str(e.get("type")), str(e.get("msg", "invalid value")))
         m = m.removeprefix("Value error, ")
         if m not in msgs:
             msgs.append(m)

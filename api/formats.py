@@ -53,7 +53,7 @@ def job_full(job: JobRow, result: ResultRow | None, usage: UsageRow | None) -> d
     out["request"] = job.request
     out["result"] = None if result is None else {
         "output_text": result.output_text, "finish_reason": result.finish_reason,
-        "token_ids": result.token_ids, "logprobs": result.logprobs,
+        "token_ids": result.token_ids, "logprobs": result.logprobs, "choices": result.choices,
     }
     out["usage"] = usage_dict(usage)
     out["timings"] = None if usage is None else {
@@ -71,13 +71,24 @@ def openai_usage(usage: UsageRow | None) -> dict[str, Any] | None:
             "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens}}
 
 
-def _completion_logprobs(result: ResultRow, registry: ModelRegistry, model: str) -> dict[str, Any] | None:
-    if not result.logprobs:
-        return None
+def _choices(result: ResultRow) -> list[dict[str, Any]]:
+    """Every completion of a result: its n choices, or the one its columns hold."""
+    if result.choices:
+        return list(result.choices)
+    return [{"index": 0, "text": result.output_text, "finish_reason": result.finish_reason,
+             "token_ids": result.token_ids, "logprobs": result.logprobs}]
+
+
+def _token_text(registry: ModelRegistry, model: str) -> Any:
     served = registry.get(model)
-    text = (lambda i: served.token_text(i)) if served is not None else (lambda i: f"<{i}>")
+    return (lambda i: served.token_text(i)) if served is not None else (lambda i: f"<{i}>")
+
+
+def _completion_logprobs(logprobs: list[Any] | None, text: Any) -> dict[str, Any] | None:
+    if not logprobs:
+        return None
     tokens, lps, tops, offsets, at = [], [], [], [], 0
-    for lp in result.logprobs:
+    for lp in logprobs:
         token = text(int(lp["token_id"]))
         tokens.append(token)
         lps.append(float(lp["logprob"]))
@@ -87,13 +98,11 @@ def _completion_logprobs(result: ResultRow, registry: ModelRegistry, model: str)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _chat_logprobs(result: ResultRow, registry: ModelRegistry, model: str) -> dict[str, Any] | None:
-    if not result.logprobs:
+def _chat_logprobs(logprobs: list[Any] | None, text: Any) -> dict[str, Any] | None:
+    if not logprobs:
         return None
-    served = registry.get(model)
-    text = (lambda i: served.token_text(i)) if served is not None else (lambda i: f"<{i}>")
     content = []
-    for lp in result.logprobs:
+    for lp in logprobs:
         token = text(int(lp["token_id"]))
         tops = [{"token": text(int(t[0])), "logprob": float(t[1]), "bytes": list(text(int(t[0])).encode())}
                 for t in lp.get("top") or []]
@@ -103,23 +112,25 @@ def _chat_logprobs(result: ResultRow, registry: ModelRegistry, model: str) -> di
 
 
 def completion(job: JobRow, result: ResultRow, usage: UsageRow | None, registry: ModelRegistry) -> dict[str, Any]:
-    """A succeeded job as an OpenAI text completion."""
+    """A succeeded job as an OpenAI text completion (one choice per completion, n in all)."""
+    text = _token_text(registry, job.model)
     return {
         "id": job.id, "object": "text_completion", "created": unix(job.created_at), "model": job.model,
-        "choices": [{"text": result.output_text, "index": 0, "finish_reason": finish_reason(result.finish_reason),
-                     "logprobs": _completion_logprobs(result, registry, job.model)}],
+        "choices": [{"text": c["text"], "index": c["index"], "finish_reason": finish_reason(c["finish_reason"]),
+                     "logprobs": _completion_logprobs(c.get("logprobs"), text)} for c in _choices(result)],
         "usage": openai_usage(usage), "system_fingerprint": None,
     }
 
 
 def chat_completion(job: JobRow, result: ResultRow, usage: UsageRow | None,
                     registry: ModelRegistry) -> dict[str, Any]:
-    """A succeeded job as an OpenAI chat completion."""
+    """A succeeded job as an OpenAI chat completion (one choice per completion, n in all)."""
+    text = _token_text(registry, job.model)
     return {
         "id": job.id, "object": "chat.completion", "created": unix(job.created_at), "model": job.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.output_text},
-                     "finish_reason": finish_reason(result.finish_reason),
-                     "logprobs": _chat_logprobs(result, registry, job.model)}],
+        "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+                     "finish_reason": finish_reason(c["finish_reason"]),
+                     "logprobs": _chat_logprobs(c.get("logprobs"), text)} for c in _choices(result)],
         "usage": openai_usage(usage), "system_fingerprint": None,
     }
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Self
 
+from contract.guided import GUIDED_FIELDS, grammar_of, guided_problems
+
 DEFAULT_MAX_TOKENS = 16
+MAX_N = 16  # completions of one prompt: they share its KV blocks, and share the engine's batch
 MAX_LOGPROBS = 20  # alternatives per token, beyond the chosen one
 # Below this a seen token's logit divided by the penalty overflows float32 (the penalty itself
 # rounds to zero or a subnormal there): the row becomes inf/NaN and sampling reads past the vocabulary.
@@ -83,7 +86,7 @@ class Bounds:
 
 
 BOUNDS: dict[str, Bounds] = {
-    "n": Bounds(integer=True, low=1),
+    "n": Bounds(integer=True, low=1, high=MAX_N),
     "max_tokens": Bounds(integer=True, low=1),  # the model's context is the other limit
     "min_tokens": Bounds(integer=True, low=0),  # and at most max_tokens: min_tokens_problem
     "temperature": Bounds(integer=False, low=0, cap=100),
@@ -104,6 +107,15 @@ def min_tokens_problem(min_tokens: int, max_tokens: int) -> str | None:
     """The one check across fields: a request cannot need more tokens than it may make."""
     if min_tokens > max_tokens:
         return f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})"
+    return None
+
+
+def guided_conflict_problem(guided: bool, min_tokens: int, ignore_eos: bool) -> str | None:
+    """A guided request ends where its grammar does: nothing may hold it open past that."""
+    if guided and min_tokens:
+        return "min_tokens cannot be used with guided decoding: the schema or grammar decides where the output ends"
+    if guided and ignore_eos:
+        return "ignore_eos cannot be used with guided decoding: the schema or grammar decides where the output ends"
     return None
 
 
@@ -139,7 +151,9 @@ class SamplingFields:
 
     temperature 0 is greedy. top_k 0 and top_p 1 and min_p 0 disable those filters. `logprobs`:
     None for none, N >= 0 for the chosen token's logprob plus the top N alternatives. `stop` may be
-    given as one string.
+    given as one string. `n` completions of the prompt. At most one of `response_format`,
+    `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` makes the output match a
+    JSON schema, regex, choice or grammar (`contract.guided`).
     """
 
     n: int = 1
@@ -158,6 +172,11 @@ class SamplingFields:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -189,7 +208,22 @@ class SamplingFields:
         out += _stop_problems(self.stop) + _stop_token_problems(self.stop_token_ids)
         out += [f"{name} must be true or false, got {getattr(self, name)!r}"
                 for name in FLAGS if not isinstance(getattr(self, name), bool)]
+        guided = guided_problems(self.guided_fields())
+        out += guided
+        if not guided and _is_int(self.min_tokens):
+            conflict = guided_conflict_problem(self.grammar() is not None, self.min_tokens, self.ignore_eos is True)
+            if conflict:
+                out.append(conflict)
         return out
+
+    def guided_fields(self) -> dict[str, Any]:
+        """The guided-decoding fields (None where not given)."""
+        return {name: getattr(self, name) for name in GUIDED_FIELDS}
+
+    def grammar(self) -> str | None:
+        """The llguidance grammar the output must match (None: free text)."""
+        found = grammar_of(self.guided_fields())
+        return None if found is None else found[1]
 
     @classmethod
     def field_names(cls) -> list[str]:

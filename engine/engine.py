@@ -10,7 +10,9 @@ Overlapped steps (on by default on CUDA): a step is launched before the previous
 read back, so the host's bookkeeping runs while the GPU computes. A decode then takes its input
 token straight from the previous step's sampled tokens on the device; a request that the previous
 token ended (EOS, a stop string) has run one step too many, whose token is dropped. Sampling,
-penalties and logprobs all run on the device, so every request keeps the overlap.
+penalties and logprobs all run on the device, so they keep the overlap. Guided requests
+(`engine.guided`) turn it off while they live: the mask of a grammar's next token needs the token
+before it. Their masks are computed while the step's forward pass runs on the device.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.factory import build_engine_parts
+from engine.guided import GuidedDecoder
 from engine.outputs import RequestOutput
 from engine.postprocess import Postprocessor
 from engine.readback import Readback, SampledStep
@@ -53,11 +56,13 @@ class Engine:
         self.kv, self.scheduler, self.runner, self.sampler = parts.kv, parts.scheduler, parts.runner, parts.sampler
         self.overlap_steps = parts.overlap_steps
         self.postprocess = Postprocessor(self.eos_token_ids, self.max_model_len)
+        self.guided = GuidedDecoder(self.tokenizer, self.info.vocab_size, self.eos_token_ids)
         self._readback = Readback(self.device, config.max_num_seqs)
         self._in_flight: SampledStep | None = None  # launched, tokens not read yet
         self._groups: dict[str, SequenceGroup] = {}
         self._seq_of: dict[int, tuple[SequenceGroup, Sequence]] = {}
         self._prompt_tokens = 0
+        self._prefill_tokens = 0
         self._generated_tokens = 0
         self._steps = 0
         self._last_batch = 0
@@ -100,19 +105,23 @@ class Engine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         ids = self.tokenize(prompt, messages)
         self._validate_prompt(ids, params)
+        grammar = params.grammar()
         group = SequenceGroup(request_id, prompt if isinstance(prompt, str) else None, ids, params, stream)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         for i in range(params.n):
             req = Request(request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
                           prompt_token_ids=ids, params=params, priority=priority,
-                          arrival_time=arrival, seq_index=i)
+                          arrival_time=arrival, seq_index=i,
+                          leader=group.seqs[0].request if group.seqs else None)
             detok = None
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer.hf, ids, params.skip_special_tokens)
-            seq = Sequence(req, detok)
-            group.seqs.append(seq)
-            self._seq_of[id(req)] = (group, seq)
-            self.scheduler.add(req)
+            group.seqs.append(Sequence(req, detok))
+        if grammar is not None:
+            self.guided.add([seq.request for seq in group.seqs], grammar)  # ValueError: not usable
+        for seq in group.seqs:
+            self._seq_of[id(seq.request)] = (group, seq)
+            self.scheduler.add(seq.request)
         self._groups[request_id] = group
         self._prompt_tokens += len(ids) * params.n
 
@@ -153,7 +162,7 @@ class Engine:
         """Runs one batch step; returns an output for every request that changed.
 
         Overlapped, the outputs are those of the previous step, read while this one runs."""
-        overlap = self.overlap_steps
+        overlap = self.overlap_steps and self.guided.active == 0
         outputs: list[RequestOutput] = []
         if not overlap and self._in_flight is not None:
             outputs = self._process(self._in_flight)
@@ -183,6 +192,8 @@ class Engine:
                     if r.num_pending and r.num_computed_tokens >= r.num_known_tokens]
             if rows:
                 feed = TokenFeed(self._in_flight.tokens, rows, [batch.requests[i].pending_index for i in rows])
+        self._prefill_tokens += sum(max(0, min(r.num_computed_tokens + n, r.num_prompt_tokens) - r.num_computed_tokens)
+                                    for r, n in zip(batch.requests, batch.num_tokens))
         logits = self.runner.execute(batch.requests, batch.num_tokens, sample_rows, feed)
         self._last_batch = len(batch.requests)
         self._peak_batch = max(self._peak_batch, self._last_batch)
@@ -192,6 +203,8 @@ class Engine:
         if not sampled:
             return None
         pending = self._in_flight.tokens if self._in_flight is not None else None
+        if self.guided.active:
+            logits = self.guided.mask(logits, sampled)  # host work while the forward pass runs
         raw, tokens = self.sampler.sample_tokens(logits, sampled, pending)
         params = [r.params for r in sampled]
         if not defer:
@@ -220,11 +233,21 @@ class Engine:
             group, seq = entry
             self._generated_tokens += 1
             reason = self.postprocess.append_token(seq, pick, now)
+            if self.guided.active:
+                if reason in (None, "length"):
+                    reason = self.guided.accept(req, pick.token_id) or self._length_reason(req)
+                    if reason == "stop" and seq.detok is not None:
+                        seq.text += seq.detok.flush()  # the grammar's end: no more bytes to come
             if reason is not None:
                 self._finish(seq, reason)
             changed[group.request_id] = group
         return [self._output(group, final=done) for group in changed.values()
                 if (done := group.finished) or group.stream]
+
+    def _length_reason(self, req: Request) -> str | None:
+        # A grammar that has not ended when max_tokens runs out ends by length, like any request.
+        at_end = len(req.output_token_ids) >= req.params.max_tokens or req.num_known_tokens >= self.max_model_len
+        return "length" if at_end else None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         req = seq.request
@@ -238,6 +261,7 @@ class Engine:
         del self._groups[group.request_id]
         for seq in group.seqs:
             self._seq_of.pop(id(seq.request), None)
+            self.guided.remove(seq.request)
 
     def _output(self, group: SequenceGroup, final: bool) -> RequestOutput:
         out = self.postprocess.output(group, final)
@@ -251,7 +275,8 @@ class Engine:
         return EngineStats(
             running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
             kv_blocks_used=self.kv.num_used_blocks, kv_blocks_total=self.num_blocks,
-            prompt_tokens_total=self._prompt_tokens, generated_tokens_total=self._generated_tokens,
+            prompt_tokens_total=self._prompt_tokens, prefill_tokens_total=self._prefill_tokens,
+            generated_tokens_total=self._generated_tokens,
             prefix_cache_hit_tokens=self.kv.hits, preemptions=self.scheduler.num_preemptions,
             steps=self._steps, last_batch_size=self._last_batch, peak_batch_size=self._peak_batch)
 

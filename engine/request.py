@@ -53,6 +53,9 @@ class Request:
     finish_time: float | None = None
     num_preemptions: int = 0
     seq_index: int = 0  # which of the prompt's n completions this is
+    # The group's first completion, for the others (n > 1): they wait until it has computed the
+    # prompt, then find its blocks in the prefix cache instead of computing the prompt again.
+    leader: Request | None = field(default=None, repr=False)
     # Overlapped steps: tokens sampled on the device whose ids the host has not read yet (at most
     # one per step in flight), where the latest one sits in its step's sampled-token tensor, and
     # whether the pending tokens already end the request by length (then it is not scheduled again).
@@ -62,6 +65,13 @@ class Request:
     # What the sampler draws this request's tokens with (its per-row values and draw seed), set by
     # the sampler on the first draw and kept for the request's life.
     sampling_row: tuple | None = None
+
+    @property
+    def waits_for_leader(self) -> bool:
+        """Whether this completion waits for its group's first one to compute the shared prompt."""
+        leader = self.leader
+        return (leader is not None and not leader.is_finished
+                and leader.num_computed_tokens < leader.num_prompt_tokens)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -108,16 +108,22 @@ class Scheduler:
                 budget -= n
 
         # New work joins only when nothing had to be preempted: admitting it now would just
-        # push the preempted ones out again.
-        while (self.waiting and budget > 0 and not batch.preempted
+        # push the preempted ones out again. The n - 1 other completions of a prompt wait until
+        # the first has computed it: then the prefix cache hands them its blocks (no n-fold
+        # prefill); only the prompt's last, partial block is theirs to compute.
+        at = 0
+        while (at < len(self.waiting) and budget > 0 and not batch.preempted
                and len(self.running) < self.max_num_seqs):
-            request = self.waiting[0][1]
+            request = self.waiting[at][1]
+            if self.kv.enable_prefix_caching and request.waits_for_leader:
+                at += 1
+                continue
             cached = self.kv.find_cached_prefix(request)
             num_cached = len(cached) * self.kv.block_size
             n = min(request.num_tokens - num_cached, budget)
             if not self.kv.allocate(request, n, cached):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(at)
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
             request.num_computed_tokens = num_cached

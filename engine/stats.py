@@ -13,7 +13,8 @@ class EngineStats:
     waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
-    prompt_tokens_total: int
+    prompt_tokens_total: int  # prompt tokens of the requests added (a prompt once per completion)
+    prefill_tokens_total: int  # prompt tokens the model computed (cache hits are not computed)
     generated_tokens_total: int
     prefix_cache_hit_tokens: int
     preemptions: int

@@ -44,10 +44,10 @@ def _job_row(tenant_id: str, spec: JobSpec, now: datetime) -> dict[str, Any]:
         "kind": spec.kind,
         "priority": spec.priority,
         "request": spec.request,
-        "status": "queued",
+        "status": "queued" if spec.error is None else "failed",
         "attempts": 0,
-        "error_code": None,
-        "error_message": None,
+        "error_code": None if spec.error is None else spec.error[0],
+        "error_message": None if spec.error is None else spec.error[1],
         "worker": None,
         "idempotency_key": spec.idempotency_key,
         "batch_id": spec.batch_id,
@@ -55,7 +55,7 @@ def _job_row(tenant_id: str, spec: JobSpec, now: datetime) -> dict[str, Any]:
         "created_at": now,
         "expires_at": spec.expires_at,
         "started_at": None,
-        "finished_at": None,
+        "finished_at": None if spec.error is None else now,
     }
 
 
@@ -470,6 +470,7 @@ def _record_portable(s: Session, ids: list[str], by_id: dict[str, FinishedJob], 
             "finish_reason": by_id[i].finish_reason,
             "token_ids": by_id[i].token_ids,
             "logprobs": by_id[i].logprobs,
+            "choices": by_id[i].choices,
             "created_at": now,
         }
         for i in known
@@ -532,11 +533,11 @@ _RECORD_PG = """
 WITH input AS (
     SELECT * FROM unnest(
         %(job_id)s::varchar[], %(output_text)s::text[], %(finish_reason)s::varchar[],
-        %(token_ids)s::text[], %(logprobs)s::text[], %(prompt_tokens)s::int[],
+        %(token_ids)s::text[], %(logprobs)s::text[], %(choices)s::text[], %(prompt_tokens)s::int[],
         %(cached_prompt_tokens)s::int[], %(completion_tokens)s::int[], %(queue_ms)s::float8[],
         %(ttft_ms)s::float8[], %(total_ms)s::float8[], %(worker)s::varchar[], %(device)s::varchar[],
         %(expired)s::bool[]
-    ) AS t(job_id, output_text, finish_reason, token_ids, logprobs, prompt_tokens,
+    ) AS t(job_id, output_text, finish_reason, token_ids, logprobs, choices, prompt_tokens,
            cached_prompt_tokens, completion_tokens, queue_ms, ttft_ms, total_ms, worker, device, expired)
 ), known AS (
     -- OFFSET 0 keeps the lookup a primary-key probe per finished job, whatever the statistics say
@@ -546,8 +547,8 @@ WITH input AS (
         SELECT tenant_id, api_key_id, model, attempts FROM jobs WHERE jobs.id = input.job_id OFFSET 0
     ) j
 ), inserted AS (
-    INSERT INTO results (job_id, output_text, finish_reason, token_ids, logprobs, created_at)
-    SELECT job_id, output_text, finish_reason, token_ids::json, logprobs::json, %(now)s
+    INSERT INTO results (job_id, output_text, finish_reason, token_ids, logprobs, choices, created_at)
+    SELECT job_id, output_text, finish_reason, token_ids::json, logprobs::json, choices::json, %(now)s
     FROM known ORDER BY job_id
     ON CONFLICT (job_id) DO NOTHING
     RETURNING job_id
@@ -586,6 +587,7 @@ def _record_postgresql(s: Session, ids: list[str], by_id: dict[str, FinishedJob]
         "finish_reason": [f.finish_reason for f in done],
         "token_ids": [_json_or_none(f.token_ids) for f in done],
         "logprobs": [_json_or_none(f.logprobs) for f in done],
+        "choices": [_json_or_none(f.choices) for f in done],
         "prompt_tokens": [f.prompt_tokens for f in done],
         "cached_prompt_tokens": [f.cached_prompt_tokens for f in done],
         "completion_tokens": [f.completion_tokens for f in done],

@@ -234,6 +234,9 @@ class Result(Base):
     finish_reason: Mapped[str] = mapped_column(String(32))
     token_ids: Mapped[list[Any] | None]
     logprobs: Mapped[list[Any] | None]
+    # n > 1: every completion, {"index", "text", "finish_reason", "token_ids", "logprobs"}; the
+    # columns above hold the first. None for a job of one completion.
+    choices: Mapped[list[Any] | None]
     created_at: Mapped[datetime]
 
 

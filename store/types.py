@@ -15,6 +15,8 @@ class JobSpec:
 
     ``idempotency_key``: the same key from the same tenant returns the job created first.
     ``id`` may be given (e.g. to reuse a Celery task id); otherwise the store makes one.
+    ``error`` (code, message): the job is created ``failed`` with that error and never runs (a
+    batch line whose request was refused: it is counted with the batch's other requests).
     """
 
     model: str
@@ -27,6 +29,7 @@ class JobSpec:
     custom_id: str | None = None
     expires_at: datetime | None = None
     id: str | None = None
+    error: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,9 @@ class FinishedJob:
     token_ids: list[int] | None = None
     logprobs: list[Any] | None = None
     expired: bool = False  # stopped at its deadline: status ``expired`` (result and usage kept)
+    # n > 1: every completion as {"index", "text", "finish_reason", "token_ids", "logprobs"} (the
+    # fields above are the first one's; the token counts are the job's, every completion's)
+    choices: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -184,13 +184,15 @@ class _TaskRun:
         rt.timings.add("engine", total / 1000.0)
         rt.timings.add("handoff", max(0.0, now - (out.finish_time or now)))
         params = claim.request.get("params") or {}
+        with_ids, with_logprobs = bool(claim.request.get("return_token_ids")), params.get("logprobs") is not None
+        choices = [_choice(o, with_ids, with_logprobs) for o in out.outputs] if len(out.outputs) > 1 else None
         finished = FinishedJob(
             job_id=claim.id, output_text=out.text, finish_reason=out.finish_reason or "stop",
             prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
             cached_prompt_tokens=out.cached_tokens, queue_ms=job.queue_ms, ttft_ms=ttft, total_ms=total,
             worker=rt.config.hostname, device=rt.config.device_label,
-            token_ids=list(out.token_ids) if claim.request.get("return_token_ids") else None,
-            logprobs=_logprobs(out) if params.get("logprobs") is not None else None, expired=expired)
+            token_ids=list(out.token_ids) if with_ids else None,
+            logprobs=_logprobs(out.logprobs) if with_logprobs else None, expired=expired, choices=choices)
         self.writes.append((claim.id, rt.writer.submit(finished)))
         self.counts["prompt_tokens"] += out.prompt_tokens
         self.counts["completion_tokens"] += out.completion_tokens
@@ -245,11 +247,19 @@ def _expired(claim: Any) -> bool:
     return deadline is not None and datetime.now(timezone.utc) >= deadline
 
 
-def _logprobs(out: Any) -> list[dict[str, Any]] | None:
-    if out.logprobs is None:
+def _logprobs(logprobs: Any) -> list[dict[str, Any]] | None:
+    if logprobs is None:
         return None
     return [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
-            for lp in out.logprobs]
+            for lp in logprobs]
+
+
+def _choice(completion: Any, with_ids: bool, with_logprobs: bool) -> dict[str, Any]:
+    """One of a job's n completions, as the store keeps it (`FinishedJob.choices`)."""
+    return {"index": completion.index, "text": completion.text,
+            "finish_reason": completion.finish_reason or "stop",
+            "token_ids": list(completion.token_ids) if with_ids else None,
+            "logprobs": _logprobs(completion.logprobs) if with_logprobs else None}
 
 
 def _publish_end(rt: WorkerRuntime, job_id: str, reason: str) -> None:

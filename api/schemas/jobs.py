@@ -61,13 +61,25 @@ class JobTimings(BaseModel):
     total_ms: float
 
 
+class JobChoice(BaseModel):
+    """One of the n completions of a job (params.n > 1)."""
+
+    index: int
+    text: str
+    finish_reason: str
+    token_ids: list[int] | None = None
+    logprobs: list[Any] | None = None
+
+
 class JobResult(BaseModel):
-    """The output of a succeeded job."""
+    """The output of a succeeded job: its first completion, and with params.n > 1 every one in
+    ``choices`` (each with its own finish reason and logprobs)."""
 
     output_text: str
     finish_reason: str
     token_ids: list[int] | None = None
     logprobs: list[Any] | None = None
+    choices: list[JobChoice] | None = None
 
 
 class JobError(BaseModel):

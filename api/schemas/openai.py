@@ -1,9 +1,12 @@
 """OpenAI-compatible request and response models: /v1/completions, /v1/chat/completions, /v1/models.
 
-Unknown request fields are ignored (clients send new fields before servers know them); fields that
-would change the answer and are not supported (n > 1, echo, suffix, logit_bias, tools, JSON mode)
-are refused with a 400 naming them. vLLM-style extra sampling fields (top_k, min_p,
-repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens) are accepted.
+An unknown request field is a 400 naming it, as OpenAI answers ("unrecognized request argument"):
+a misspelt parameter must not silently do nothing. OpenAI fields that do not change the answer
+(user, metadata, store, service_tier, ...) are accepted and ignored; fields that would change it and
+are not supported (echo, suffix, logit_bias, tools) are refused with a 400 naming them. Structured output: OpenAI's response_format and vLLM's
+guided_json, guided_regex, guided_choice and guided_grammar (`contract.guided`). vLLM-style
+extra sampling fields (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
+skip_special_tokens) are accepted under vLLM's names.
 """
 
 from __future__ import annotations
@@ -13,7 +16,19 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from api.schemas.messages import Messages
-from api.schemas.sampling import Number, StopString, StopTokenIds, TokenId, bounds, check_stop_count
+from api.schemas.sampling import (
+    GuidedChoiceField,
+    GuidedGrammarField,
+    GuidedJsonField,
+    GuidedRegexField,
+    Number,
+    ResponseFormatField,
+    StopString,
+    StopTokenIds,
+    TokenId,
+    bounds,
+    check_stop_count,
+)
 
 PromptText = Annotated[str, Field(min_length=1, max_length=10_000_000)]
 PromptIds = Annotated[list[TokenId], Field(min_length=1, max_length=1_000_000)]
@@ -30,13 +45,13 @@ class StreamOptions(BaseModel):
 class _SamplingFields(BaseModel):
     """The sampling fields both endpoints share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=200)
     max_tokens: StrictInt | None = Field(None, **bounds("max_tokens"))
     temperature: Number | None = Field(None, **bounds("temperature"))
     top_p: Number | None = Field(None, **bounds("top_p"))
-    n: StrictInt | None = Field(None, ge=1, le=128)
+    n: StrictInt | None = Field(None, **bounds("n"))
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     stop: StopString | list[StopString] | None = None
@@ -45,6 +60,13 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, Number] | None = None
     seed: StrictInt | None = Field(None, **bounds("seed"))
     user: str | None = Field(None, max_length=256)
+    # OpenAI fields that change nothing here: accepted so that OpenAI clients' payloads pass
+    metadata: dict[str, str] | None = None
+    store: StrictBool | None = None
+    service_tier: str | None = Field(None, max_length=64)
+    parallel_tool_calls: StrictBool | None = None
+    prompt_cache_key: str | None = Field(None, max_length=256)
+    safety_identifier: str | None = Field(None, max_length=256)
     # vLLM-style extras
     top_k: StrictInt | None = Field(None, **bounds("top_k"))
     min_p: Number | None = Field(None, **bounds("min_p"))
@@ -54,13 +76,12 @@ class _SamplingFields(BaseModel):
     stop_token_ids: StopTokenIds | None = None
     skip_special_tokens: StrictBool | None = None
     priority: StrictInt | None = Field(None, ge=0, le=9, description="inside the engine, lower runs first")
-
-    @field_validator("n")
-    @classmethod
-    def _one(cls, n: int | None) -> int | None:
-        if n is not None and n != 1:
-            raise ValueError(f"n must be 1, got {n}: send separate requests for more outputs")
-        return n
+    # Guided decoding: OpenAI's response_format (also on completions, as vLLM takes it) and vLLM's names
+    response_format: ResponseFormatField = None
+    guided_json: GuidedJsonField = None
+    guided_regex: GuidedRegexField = None
+    guided_choice: GuidedChoiceField = None
+    guided_grammar: GuidedGrammarField = None
 
     @field_validator("stop")
     @classmethod
@@ -83,7 +104,7 @@ class CompletionRequest(_SamplingFields):
     ] = Field(description="one prompt: text or token ids (a list of one is accepted too)")
     logprobs: StrictInt | None = Field(None, **bounds("logprobs"))
     echo: StrictBool | None = False
-    best_of: StrictInt | None = Field(None, ge=1, le=1)
+    best_of: StrictInt | None = Field(None, ge=1, description="only n itself: no server-side ranking")
     suffix: str | None = Field(None, max_length=0, description="not supported: leave it out")
 
     @field_validator("echo")
@@ -94,14 +115,6 @@ class CompletionRequest(_SamplingFields):
         return echo
 
 
-class ResponseFormat(BaseModel):
-    """Only plain text output is supported."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -109,7 +122,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: StrictInt | None = Field(None, **bounds("max_tokens"))
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = Field(None, **bounds("logprobs"))
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: leave it out or send an empty list")
     tool_choice: Literal["none"] | None = None
 
@@ -146,7 +158,7 @@ class CompletionLogprobs(BaseModel):
 
 
 class CompletionChoice(BaseModel):
-    """The one output of a completion."""
+    """One of the n outputs of a completion."""
 
     text: str
     index: int
@@ -194,7 +206,7 @@ class AssistantMessage(BaseModel):
 
 
 class ChatChoice(BaseModel):
-    """The one output of a chat completion."""
+    """One of the n outputs of a chat completion."""
 
     index: int
     message: AssistantMessage

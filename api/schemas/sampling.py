@@ -21,6 +21,7 @@ from pydantic import (
 from contract.sampling import (
     BOUNDS,
     DEFAULT_MAX_TOKENS,
+    MAX_N,
     MAX_STOP,
     MAX_STOP_LENGTH,
     MAX_STOP_TOKEN_IDS,
@@ -35,6 +36,18 @@ StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_
 TokenId = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKEN_ID)]
 StopTokenIds = Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]
 DEFAULTS = SamplingFields()  # the engine's defaults, for the fields the API shows them on
+
+# Guided decoding (contract.guided checks what they hold, once the request is parsed; a bad
+# schema, regex or grammar is a 400 naming its field): OpenAI's response_format and vLLM's names.
+ResponseFormatField = Annotated[dict[str, Any] | None, Field(
+    description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                '"json_schema": {"name", "schema", "strict"}}: the output is a JSON object matching it')]
+GuidedJsonField = Annotated[dict[str, Any] | str | None, Field(
+    description="vLLM: a JSON schema (object or JSON text) the output matches")]
+GuidedRegexField = Annotated[str | None, Field(description="vLLM: a regular expression the whole output matches")]
+GuidedChoiceField = Annotated[list[str] | None, Field(description="vLLM: the output is exactly one of these")]
+GuidedGrammarField = Annotated[str | None, Field(
+    description="vLLM: a grammar (Lark, or GBNF/EBNF) the output matches")]
 
 
 def bounds(name: str) -> dict[str, Any]:
@@ -73,7 +86,8 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n: StrictInt = Field(DEFAULTS.n, description="outputs per job; only 1 is supported")
+    n: StrictInt = Field(DEFAULTS.n, **bounds("n"),
+                         description=f"completions of the prompt (1..{MAX_N}), each with its own finish reason")
     max_tokens: StrictInt | None = Field(None, **bounds("max_tokens"),
                                          description=f"tokens to generate at most (default {DEFAULT_MAX_TOKENS})")
     min_tokens: StrictInt = Field(DEFAULTS.min_tokens, **bounds("min_tokens"),
@@ -92,13 +106,11 @@ class SamplingParams(BaseModel):
     logprobs: StrictInt | None = Field(DEFAULTS.logprobs, **bounds("logprobs"),
                                        description="None: none; N: the chosen token's logprob and the top N")
     skip_special_tokens: StrictBool = DEFAULTS.skip_special_tokens
-
-    @field_validator("n")
-    @classmethod
-    def _one_output(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n must be 1, got {n}: a job stores one output (send separate jobs instead)")
-        return n
+    response_format: ResponseFormatField = None
+    guided_json: GuidedJsonField = None
+    guided_regex: GuidedRegexField = None
+    guided_choice: GuidedChoiceField = None
+    guided_grammar: GuidedGrammarField = None
 
     _min_below_max = field_validator("min_tokens")(check_min_tokens)
 

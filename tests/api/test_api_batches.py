@@ -71,26 +71,66 @@ def test_completions_batch(client: openai.OpenAI) -> None:
 
 
 def test_invalid_lines_fail_the_batch_with_per_line_errors(client: openai.OpenAI) -> None:
+    """Errors of the file (not JSON, another model, method or url) fail the whole batch in
+    validating, with OpenAI's errors.data entries."""
     lines = [
         {"custom_id": "ok", "method": "POST", "url": "/v1/chat/completions",
          "body": {"model": TINY, "messages": [{"role": "user", "content": "fine"}]}},
         {"custom_id": "bad-model", "method": "POST", "url": "/v1/chat/completions",
          "body": {"model": "nope", "messages": [{"role": "user", "content": "x"}]}},
+        {"custom_id": "get", "method": "GET", "url": "/v1/chat/completions",
+         "body": {"model": TINY, "messages": [{"role": "user", "content": "x"}]}},
+        {"custom_id": "url", "method": "POST", "url": "/v1/completions", "body": {"model": TINY, "prompt": "x"}},
+        {"custom_id": "ok", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": TINY, "messages": [{"role": "user", "content": "again"}]}},
     ]
     raw = _jsonl(lines) + b"{not json\n"
     f = client.files.create(file=("bad.jsonl", io.BytesIO(raw)), purpose="batch")
     batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     done = _wait_batch(client, batch.id, ("failed", "completed"))
-    assert done.status == "failed"
+    assert done.status == "failed" and done.in_progress_at is None
     errors = {e.line: e for e in done.errors.data}  # type: ignore[union-attr]
+    assert [(line, errors[line].code) for line in sorted(errors)] == [
+        (2, "mismatched_model"), (3, "invalid_method"), (4, "mismatched_url"), (5, "duplicate_custom_id"),
+        (6, "invalid_json")]
     assert "model" in (errors[2].message or "")
-    assert errors[3].code == "invalid_json"
-    lines = [{"custom_id": "m", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": TINY, "messages": [{"role": "robot", "content": "x"}]}}]
-    f = client.files.create(file=("bad2.jsonl", io.BytesIO(_jsonl(lines))), purpose="batch")
+    only_unserved = [{"custom_id": "m", "method": "POST", "url": "/v1/chat/completions",
+                      "body": {"model": "nope", "messages": [{"role": "user", "content": "x"}]}}]
+    f = client.files.create(file=("bad2.jsonl", io.BytesIO(_jsonl(only_unserved))), purpose="batch")
     done = _wait_batch(client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                                      completion_window="24h").id, ("failed", "completed"))
-    assert done.status == "failed" and "messages[0].role" in (done.errors.data[0].message or "")  # type: ignore[union-attr]
+    assert done.status == "failed" and done.errors.data[0].code == "model_not_found"  # type: ignore[union-attr]
+
+
+def test_a_bad_request_fails_alone(client: openai.OpenAI) -> None:
+    """A 20-line batch with one bad body completes: 19 outputs and 1 error line in OpenAI's shape,
+    matched by custom_id, the bad request counted as failed."""
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": TINY, "messages": [{"role": "user", "content": f"Hi {i}"}], "max_tokens": 3}}
+             for i in range(20)]
+    lines[7]["body"]["max_tokens"] = -5
+    f = client.files.create(file=("one-bad.jsonl", io.BytesIO(_jsonl(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = _wait_batch(client, batch.id, ("completed", "failed"))
+    assert done.status == "completed", done
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (20, 19, 1)
+    out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == sorted(f"r{i}" for i in range(20) if i != 7)
+    assert all(o["response"]["status_code"] == 200 and o["error"] is None for o in out)
+    assert done.error_file_id is not None
+    errors = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    assert len(errors) == 1
+    err = errors[0]
+    assert set(err) == {"id", "custom_id", "response", "error"} and err["error"] is None
+    assert err["custom_id"] == "r7" and err["id"].startswith("batch_req_")
+    response = err["response"]
+    assert response["status_code"] == 400 and response["request_id"]
+    body = response["body"]["error"]
+    assert body["type"] == "invalid_request_error" and body["param"] == "max_tokens"
+    assert "max_tokens" in body["message"]
+    # The request of the error line is the job the batch made of line 8: its error is the same.
+    job = client.get(f"/jobs/{response['request_id']}", cast_to=httpx.Response).json()
+    assert (job["status"], job["custom_id"], job["error"]["message"]) == ("failed", "r7", body["message"])
 
 
 # More requests than the worker claims at once (its 8 task slots hold 64 requests each), so

@@ -94,7 +94,7 @@ def test_client_errors_map_to_openai_exceptions(client: openai.OpenAI, server: S
         client.completions.create(model="no-such-model", prompt="x")
     assert e.value.body["param"] == "model"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=TINY, prompt="x", n=2)
+        client.completions.create(model=TINY, prompt="x", n=17)
     assert e.value.body["param"] == "n"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=TINY, prompt="x", max_tokens=100_000)

@@ -34,7 +34,7 @@ def test_missing_or_wrong_key_is_401_everywhere(server: Server, headers: dict[st
     ({"model": TINY, "prompt": "x", "messages": [{"role": "user", "content": "y"}]}, None),
     ({"model": TINY, "prompt": "x", "params": {"max_tokens": 0}}, "params.max_tokens"),
     ({"model": TINY, "prompt": "x", "params": {"max_tokens": 100000}}, "params.max_tokens"),
-    ({"model": TINY, "prompt": "x", "params": {"n": 3}}, "params.n"),
+    ({"model": TINY, "prompt": "x", "params": {"n": 17}}, "params.n"),
     ({"model": TINY, "prompt": "x", "params": {"temperature": -1}}, "params.temperature"),
     ({"model": TINY, "prompt": "x", "params": {"top_p": 0}}, "params.top_p"),
     ({"model": TINY, "prompt": "x", "params": {"min_tokens": 9, "max_tokens": 2}}, "params.min_tokens"),

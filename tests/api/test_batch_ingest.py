@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from api.batch_ingest import MAX_ERRORS, ingest_batch
-from api.batch_lines import BatchLine, LineError, LineRules
+from api.batch_lines import BatchLine, BodyRefusal, LineError, LineRules, refused_param
 from api.config import ApiConfig
 from store import FinishedJob, Store
 
@@ -70,7 +70,8 @@ def test_bad_lines_fail_the_batch_and_keep_no_job(store: Store, tenant_id: str) 
         b"\n",
         json.dumps({"custom_id": "c", "method": "GET", "url": "/v1/chat/completions", "body": {}}).encode() + b"\n",
         json.dumps({"custom_id": "d", "method": "POST", "url": "/v1/chat/completions", "body": {}}).encode() + b"\n",
-        line("e"),
+        line("e", model="other"),
+        line("f"),
     ]
     batch_id = new_batch(store, tenant_id, lines)
     report = ingest_batch(store, tenant_id, batch_id, prepare=None, max_lines=MAX_LINES, jobs_per_insert=1)
@@ -81,26 +82,54 @@ def test_bad_lines_fail_the_batch_and_keep_no_job(store: Store, tenant_id: str) 
         (4, "duplicate_custom_id"),
         (6, "invalid_method"),
         (7, "invalid_body"),
+        (8, "mismatched_model"),
     ]
     failed = store.batches.get(tenant_id, batch_id)
     assert failed is not None and failed.status == "failed" and failed.errors == report.errors
     assert failed.failed_at is not None and store.jobs.count_jobs(tenant_id) == 0
 
 
-def test_the_prepare_hook_rejects_bodies(store: Store, tenant_id: str) -> None:
-    batch_id = new_batch(store, tenant_id, [line("a"), line("b", max_tokens=-1)])
+def test_a_refused_body_fails_its_request_alone(store: Store, tenant_id: str) -> None:
+    """A well-formed line whose body the endpoint refuses is no error of the file: its request is
+    a job failed from the start (with the 400's code and message), the others run."""
+    batch_id = new_batch(store, tenant_id, [line("a"), line("b", max_tokens=-1), line("c")])
 
-    def prepare(body: dict[str, Any]) -> dict[str, Any] | str:
-        return "max_tokens must be positive" if body.get("max_tokens", 1) < 1 else body
+    def prepare(body: dict[str, Any]) -> dict[str, Any] | BodyRefusal:
+        if body.get("max_tokens", 1) < 1:
+            return BodyRefusal("max_tokens: must be >= 1", "max_tokens", "invalid_value")
+        return body
 
     report = ingest_batch(store, tenant_id, batch_id, prepare=prepare, max_lines=MAX_LINES)
-    assert report.errors == [{"code": "invalid_body", "message": "max_tokens must be positive", "line": 2}]
+    assert report.ok and report.errors == [] and report.total == 3
+    batch = store.batches.get(tenant_id, batch_id)
+    assert batch is not None and batch.status == "in_progress" and batch.total == 3
+    bad = store.batches.job_by_custom_id(tenant_id, batch_id, "b")
+    assert bad is not None and (bad.status, bad.error_code, bad.error_message) == (
+        "failed", "invalid_value", "max_tokens: must be >= 1")
+    assert bad.finished_at is not None and refused_param(bad.request) == "max_tokens"
+    assert [j.status for j in (store.batches.job_by_custom_id(tenant_id, batch_id, c) for c in "ac")] == [
+        "queued", "queued"]
+    assert list(store.batches.queued_job_ids(tenant_id, batch_id)) == sorted(
+        j.id for j in store.jobs.list_jobs(tenant_id, batch_id=batch_id).jobs if j.custom_id != "b")
+    counts = store.batches.counts(tenant_id, batch_id)
+    assert counts is not None and (counts.total, counts.failed, counts.pending) == (3, 1, 2)
+
+
+def test_a_model_the_api_does_not_serve_fails_the_file(store: Store, tenant_id: str) -> None:
+    batch_id = new_batch(store, tenant_id, [line("a"), line("b")])
+
+    def prepare(body: dict[str, Any]) -> BodyRefusal:
+        return BodyRefusal("model: 'smollm2' is not served here", "model", "model_not_found", whole_file=True)
+
+    report = ingest_batch(store, tenant_id, batch_id, prepare=prepare, max_lines=MAX_LINES)
+    assert [(e["line"], e["code"]) for e in report.errors] == [(1, "model_not_found"), (2, "model_not_found")]
+    assert store.jobs.count_jobs(tenant_id) == 0
 
 
 def test_every_line_must_name_the_same_model(store: Store, tenant_id: str) -> None:
     batch_id = new_batch(store, tenant_id, [line("a"), line("b", model="other"), line("c")])
     report = ingest_batch(store, tenant_id, batch_id, prepare=None, max_lines=MAX_LINES)
-    assert report.errors == [{"code": "invalid_body", "line": 2,
+    assert report.errors == [{"code": "mismatched_model", "line": 2,
                               "message": "model: every request of a batch must use the same model ('smollm2')"}]
 
 
@@ -124,11 +153,13 @@ def test_at_most_max_errors_are_reported(store: Store, tenant_id: str) -> None:
 def test_each_line_gets_its_own_outcome() -> None:
     """The rules answer line by line: a good line, a file-level error, or a refused body that names
     its request (what a per-request error needs)."""
-    rules = LineRules("/v1/chat/completions", lambda body: "temperature: too hot" if "temperature" in body else body)
+    rules = LineRules("/v1/chat/completions", lambda body: BodyRefusal("temperature: too hot", "temperature")
+                      if "temperature" in body else body)
     assert rules.check(1, line("a").strip()) == BatchLine(1, "a", "smollm2",
                                                           {"model": "smollm2", "messages": [{"role": "user", "content": "a"}]})
     assert rules.check(2, line("a")) == LineError(2, "duplicate_custom_id", "custom_id 'a' appears more than once")
-    assert rules.check(3, line("b", temperature=9)) == LineError(3, "invalid_body", "temperature: too hot", "b")
+    assert rules.check(3, line("b", temperature=9)) == LineError(3, "invalid_body", "temperature: too hot", "b",
+                                                                 "temperature")
     assert rules.check(4, line("c", model="other")).custom_id is None  # type: ignore[union-attr]
     assert rules.check(5, b'{"custom_id": "d", "x": NaN}') == LineError(
         5, "invalid_json", "the line is not valid JSON: NaN is not a JSON number")

@@ -37,7 +37,8 @@ def test_bad_prompts_fail_alone_and_the_others_are_unchanged(llm):
     ("temperature", -1.0, "temperature must be >= 0"),
     ("top_p", 0.0, "top_p must be in (0, 1]"),
     ("logprobs", 99, "logprobs must be an integer in 0..20"),
-    ("n", 0, "n must be >= 1"),
+    ("n", 0, "n must be an integer in 1..16"),
+    ("n", 17, "n must be an integer in 1..16"),
 ])
 def test_invalid_sampling_values_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

@@ -5,8 +5,9 @@ PostgreSQL database.
 Whatever the file holds — invalid JSON or UTF-8, deep nesting, NUL and unpaired surrogates in
 custom_id or body, non-finite numbers, wrong methods and URLs, hostile bodies — ingestion never
 raises (a raise leaves the batch stuck in `validating`, re-ingested forever), a good line is never
-blamed, a bad one is reported with its line number, and a batch either holds exactly its lines as
-jobs or none at all.
+blamed, a bad line is reported with its line number, and a batch either holds exactly its lines as
+jobs or none at all. A well-formed line whose body alone is refused fails alone: its job is
+`failed` with the body's error, and the batch runs.
 """
 
 from __future__ import annotations
@@ -82,15 +83,23 @@ BAD = {
     "nan_prompt": lambda i: _line(f"n{i}", {"model": TINY, "prompt": "x"}).replace(b'"x"', b"NaN"),
     "infinite_max_tokens": lambda i: _line(f"f{i}", {"model": TINY, "prompt": "x", "max_tokens": 1}).replace(
         b'"max_tokens": 1', b'"max_tokens": Infinity'),
-    "surrogate_prompt": lambda i: _line(f"p{i}", {"model": TINY, "prompt": "a\ud800"}),
     "wrong_method": lambda i: _line(f"m{i}", {"model": TINY, "prompt": "x"}, method="GET"),
     "wrong_url": lambda i: _line(f"w{i}", {"model": TINY, "prompt": "x"}, url="/v1/admin/tenants"),
     "unknown_model": lambda i: _line(f"k{i}", {"model": "../../etc/passwd", "prompt": "x"}),
     "body_not_object": lambda i: _line(f"b{i}", ["model", TINY]),
     "array_line": lambda i: b"[1, 2, 3]",
+    "nul_byte_outside_strings": lambda i: b'{"custom_id": "z\x00"}',
+}
+# Well-formed lines whose body the endpoint refuses: that request fails alone.
+REFUSED = {
     "prompt_past_context": lambda i: _line(f"l{i}", {"model": TINY, "prompt": [5] * 600}),
     "stream": lambda i: _line(f"t{i}", {"model": TINY, "prompt": "x", "stream": True}),
-    "nul_byte_outside_strings": lambda i: b'{"custom_id": "z\x00"}',
+    "negative_max_tokens": lambda i: _line(f"n{i}", {"model": TINY, "prompt": "x", "max_tokens": -5}),
+    "unknown_parameter": lambda i: _line(f"q{i}", {"model": TINY, "prompt": "x", "temprature": 0.5}),
+    "invalid_schema": lambda i: _line(f"j{i}", {"model": TINY, "prompt": "x", "guided_regex": "(unclosed"}),
+    "surrogate_prompt": lambda i: _line(f"p{i}", {"model": TINY, "prompt": "a\ud800"}),
+    "escaped_surrogate_prompt": lambda i: f'{{"custom_id": "e{i}", "method": "POST", "url": "{ENDPOINT}", '
+                                          f'"body": {{"model": "{TINY}", "prompt": "a\\ud800"}}}}'.encode(),
 }
 # Lines that may be accepted or refused; either way, cleanly.
 ODD = {
@@ -103,7 +112,7 @@ ODD = {
     "duplicate_keys": lambda i: good(i).replace(b'"custom_id"', b'"custom_id": "dup", "custom_id"', 1),
 }
 
-line_kind = st.sampled_from(["good"] * 4 + sorted(BAD) + sorted(ODD))
+line_kind = st.sampled_from(["good"] * 4 + sorted(BAD) + sorted(REFUSED) + sorted(ODD))
 
 
 @pytest.mark.slow
@@ -113,7 +122,7 @@ def test_the_batch_parser_never_raises_and_names_every_bad_line(kinds, blank_bet
     raw_lines: list[bytes] = []
     numbers: dict[int, str] = {}  # line number -> kind
     for i, kind in enumerate(kinds):
-        line = good(i) if kind == "good" else (BAD.get(kind) or ODD[kind])(i)
+        line = good(i) if kind == "good" else (BAD.get(kind) or REFUSED.get(kind) or ODD[kind])(i)
         raw_lines.append(line)
         numbers[len(raw_lines)] = kind
         if blank_between:
@@ -128,6 +137,7 @@ def test_the_batch_parser_never_raises_and_names_every_bad_line(kinds, blank_bet
     for line, err in blamed.items():
         assert err["message"] and err["code"], err
         assert line is not None and numbers.get(line, "good") != "good", (line, err, numbers)
+        assert numbers.get(line) not in REFUSED, (line, err)
     for line, kind in numbers.items():
         if kind in BAD and len(report.errors) < 50:
             assert line in blamed, (kind, line, report.errors)
@@ -137,6 +147,10 @@ def test_the_batch_parser_never_raises_and_names_every_bad_line(kinds, blank_bet
     else:
         event("in_progress")
         assert after.status == "in_progress" and after.total == len(kinds) == len(jobs)
+        refused, odd = sum(kind in REFUSED for kind in kinds), sum(kind in ODD for kind in kinds)
+        failed = sum(job.status == "failed" for job in jobs)
+        assert refused <= failed <= refused + odd  # an odd line may be refused too
+        assert sum(job.status == "queued" for job in jobs) == len(kinds) - failed
         for job in jobs:
             json.dumps(store.jobs.get_job(tenant, job.id).request, allow_nan=False).encode("utf-8")
 
@@ -150,3 +164,17 @@ def test_each_kind_of_bad_line_alone_fails_the_batch_with_its_line_number(store,
         report = ingest(store, prepare, tenant, batch.id)
         assert [e["line"] for e in report.errors] == [2], (kind, report.errors)
         assert store.batches.get(tenant, batch.id).status == "failed", kind
+
+
+@pytest.mark.slow
+def test_each_kind_of_refused_body_fails_its_request_alone(store, prepare, tenant) -> None:
+    for kind, make in sorted(REFUSED.items()):
+        lines = [good(0), make(1), good(2)]
+        f = store.files.create(tenant, [b"\n".join(lines)], purpose="batch", filename=f"{kind}.jsonl")
+        batch = store.batches.create(tenant, input_file_id=f.id, endpoint=ENDPOINT)
+        report = ingest(store, prepare, tenant, batch.id)
+        assert report.ok and report.total == 3, (kind, report.errors)
+        jobs = sorted(store.jobs.list_jobs(tenant, batch_id=batch.id).jobs, key=lambda j: j.custom_id)
+        failed = [j for j in jobs if j.status == "failed"]
+        assert len(jobs) == 3 and len(failed) == 1 and failed[0].custom_id not in ("req-0", "req-2"), kind
+        assert failed[0].error_message, kind
