@@ -101,6 +101,10 @@ class _TaskRun:
         start = time.monotonic()
         claims = _claim(rt, mine)
         rt.timings.add("claim", time.monotonic() - start)
+        if rt.stopping and claims:  # claimed as the stop signal came: back to the queue, not started
+            self.holding.given_back.update(c.id for c in claims)
+            self._store()
+            return
         self.counts["skipped"] = len(mine) - len(claims)  # cancelled, finished, expired or unknown
         evidence = rt.suspects.lookup([c.id for c in claims if c.attempts > 1])
         batch: list[_Job] = []

@@ -88,7 +88,7 @@ def test_openai_endpoints_refuse_unsupported_fields(api: httpx.Client) -> None:
         ("/v1/chat/completions", {"model": TINY, "messages": [{"role": "user", "content": "x"}],
                                   "tools": [{"type": "function"}]}, "tools"),
         ("/v1/chat/completions", {"model": TINY, "messages": [{"role": "user", "content": "x"}],
-                                  "response_format": {"type": "json_object"}}, "response_format.type"),
+                                  "response_format": {"type": "yaml"}}, "response_format.type"),
         ("/v1/chat/completions", {"model": TINY, "messages": [{"role": "user", "content": "x"}],
                                   "max_tokens": 4, "max_completion_tokens": 5}, "max_completion_tokens"),
     ]
