@@ -148,7 +148,9 @@ def test_cancel_keeps_what_ran_and_cancels_the_rest(client: openai.OpenAI, store
     cancelled = client.batches.cancel(batch.id)
     assert cancelled.status in ("cancelling", "cancelled")
     try:
-        done = _wait_batch(client, batch.id, ("cancelled",), timeout=60)
+        # Up to 8 x 64 requests already running finish first (as OpenAI's cancel does): on a loaded
+        # 2-core machine that takes more than a minute.
+        done = _wait_batch(client, batch.id, ("cancelled",), timeout=180)
     except AssertionError:
         t = store.keys.tenant_by_name("acme")
         print("COUNTS", store.batches.counts(t.id, batch.id))
