@@ -14,7 +14,7 @@ from api.auth import KeyCache
 from api.batch_runner import BatchRunner
 from api.config import ApiConfig
 from api.errors import install_error_handlers
-from api.metrics import RequestMetrics
+from api.metrics import ApiMetrics
 from api.middleware import RequestGuard
 from api.queue import Dispatcher
 from api.reconciler import Reconciler
@@ -39,12 +39,12 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
     the_store = store if store is not None else Store.open(config.database_url, **pool)
     dispatcher = Dispatcher(config.redis_url, visibility_timeout_s=config.visibility_timeout_s)
     registry = ModelRegistry(config.models)
-    metrics = RequestMetrics()
+    metrics = ApiMetrics(config.metrics_multiprocess_dir)
     state = ApiState(config=config, store=the_store, dispatcher=dispatcher, registry=registry,
                      submitter=Submitter(the_store, dispatcher),
                      batches=BatchRunner(config, the_store, dispatcher, registry),
                      reconciler=Reconciler(the_store, dispatcher, interval_s=config.reconcile_interval_s,
-                                           min_age_s=config.reconcile_min_age_s),
+                                           min_age_s=config.reconcile_min_age_s, on_resent=metrics.resent),
                      metrics=metrics)
 
     @asynccontextmanager

@@ -32,6 +32,9 @@ def worker_command(
     from tokenmill.settings import Settings
 
     settings = Settings.from_env()
+    # A worker's metrics travel through Redis (workers.metrics), never through the API's
+    # multiprocess directory: set for the whole host, it would count them twice.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     model = model or settings.model
     served = served_name or os.path.basename(os.path.normpath(model))
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -47,6 +47,11 @@ class Settings:
     sync_timeout_s: float = 600.0  # how long a synchronous completion waits for its job
     reconcile_interval_s: float = 10.0  # how often the API looks for jobs whose task Redis lost (<= 0: never)
     reconcile_min_age_s: float = 30.0  # how long a job waits or runs before it is looked for in Redis
+    # observability (docs/observability.md)
+    # prometheus_client's multiprocess directory, shared by the API processes of one host (also read
+    # from the standard PROMETHEUS_MULTIPROC_DIR); empty: `<data dir>/metrics/api-<port>` when
+    # `api_workers` > 1, none with one process.
+    metrics_dir: str = ""
     # Flower (`tokenmill flower`, and inside `tokenmill up`)
     flower_host: str = "127.0.0.1"
     flower_port: int = 5555
@@ -72,6 +77,8 @@ class Settings:
             "data_dir": data_dir,
             "cache_dir": cache_dir,
             "database_url": env.get("TOKENMILL_DATABASE_URL") or f"sqlite:///{data_dir / 'tokenmill.db'}",
+            # The standard variables of prometheus_client and OpenTelemetry count too.
+            "metrics_dir": env.get("TOKENMILL_METRICS_DIR") or env.get("PROMETHEUS_MULTIPROC_DIR", ""),
         }
         for f in fields(cls):
             key = "TOKENMILL_" + f.name.upper()

@@ -16,10 +16,12 @@ from typing import Any
 
 import redis
 
-from contract.redis_keys import CANCEL_CHANNEL, STREAM_CHANNEL, WORKER_STATS_KEY, WORKER_STATS_TTL_S
+from contract.redis_keys import (CANCEL_CHANNEL, STREAM_CHANNEL, WORKER_METRICS_KEY, WORKER_STATS_KEY,
+                                 WORKER_STATS_TTL_S)
 from engine import Engine, EngineStats, RequestOutput
 from store import Store
 from workers.engine_loop import EngineLoop, GivenBack
+from workers.metrics import WorkerMetrics
 from workers.path_timings import PathTimings
 from workers.result_writer import ResultWriter
 from workers.suspects import SuspectLedger
@@ -64,6 +66,7 @@ class WorkerRuntime:
         self.store = store
         self.redis = redis.Redis.from_url(config.redis_url)
         self.timings = PathTimings()  # where the job path's time goes, published with the stats
+        self.metrics = WorkerMetrics(config.served_model)  # Prometheus, published with the stats
         self.loop = EngineLoop(engine, on_stats=self._publish_stats, on_crash=self._die,
                                fault_marker=config.fault_crash_marker, timings=self.timings)
         self.writer = ResultWriter(store, timings=self.timings)
@@ -97,7 +100,8 @@ class WorkerRuntime:
         self.loop.stop()
         self.writer.stop()
         try:
-            self.redis.delete(WORKER_STATS_KEY.format(hostname=self.config.hostname))
+            self.redis.delete(WORKER_STATS_KEY.format(hostname=self.config.hostname),
+                              WORKER_METRICS_KEY.format(hostname=self.config.hostname))
         except redis.RedisError:
             pass
 
@@ -178,10 +182,13 @@ class WorkerRuntime:
                   "model": self.config.served_model, "device": self.config.device_label,
                   "pending": self.loop.num_pending, **self.timings.snapshot(), "updated_at": time.time()}
         self.last_figures = fields
+        self.metrics.engine_figures(stats, tokens_per_s, self.loop.num_pending)
         try:
             pipe = self.redis.pipeline()
             pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
             pipe.expire(key, WORKER_STATS_TTL_S)
+            pipe.set(WORKER_METRICS_KEY.format(hostname=self.config.hostname), self.metrics.encode(),
+                     ex=WORKER_STATS_TTL_S)
             pipe.execute()
         except redis.RedisError as e:  # figures are best effort; generation goes on
             log.warning("could not publish engine stats: %r", e)

@@ -26,6 +26,7 @@ from contract.redis_keys import STREAM_CHANNEL
 from engine import SamplingParams
 from store.types import FinishedJob, JobClaim, JobFailure
 from workers.engine_loop import EngineCrashed, GivenBack
+from workers.metrics import JobTimes, job_times
 from workers.path_timings import timed_request_class
 from workers.result_writer import ResultRejected
 from workers.runtime import Holding, WorkerRuntime
@@ -93,6 +94,8 @@ class _TaskRun:
         "prompt_tokens": 0, "completion_tokens": 0})  # token totals: shown by Flower
     failures: list[JobFailure] = field(default_factory=list)
     writes: list[tuple[str, Future]] = field(default_factory=list)
+    claims: dict[str, JobClaim] = field(default_factory=dict)  # for the metrics of failures
+    times: dict[str, tuple[JobTimes, str]] = field(default_factory=dict)  # job -> figures, status if stored
 
     def run(self) -> None:
         rt, mine = self.rt, self.holding.mine
@@ -102,6 +105,8 @@ class _TaskRun:
         claims = _claim(rt, mine)
         rt.timings.add("claim", time.monotonic() - start)
         self.counts["skipped"] = len(mine) - len(claims)  # cancelled, finished, expired or unknown
+        rt.metrics.claimed(claims)
+        self.claims = {c.id: c for c in claims}
         evidence = rt.suspects.lookup([c.id for c in claims if c.attempts > 1])
         batch: list[_Job] = []
         alone: list[_Job] = []
@@ -194,6 +199,8 @@ class _TaskRun:
             token_ids=list(out.token_ids) if with_ids else None,
             logprobs=_logprobs(out.logprobs) if with_logprobs else None, expired=expired, choices=choices)
         self.writes.append((claim.id, rt.writer.submit(finished)))
+        self.times[claim.id] = (job_times(claim.model, claim.kind, self.enqueued_at, out),
+                                "expired" if expired else "succeeded")
         self.counts["prompt_tokens"] += out.prompt_tokens
         self.counts["completion_tokens"] += out.completion_tokens
 
@@ -202,6 +209,7 @@ class _TaskRun:
         if self.failures:
             _store_retrying(lambda: rt.store.jobs.mark_failed(self.failures))
             self.counts["failed"] += len(self.failures)
+            self._count_failed(self.failures)
         rejected: list[JobFailure] = []
         for job_id, fut in self.writes:
             try:
@@ -210,13 +218,23 @@ class _TaskRun:
                 rejected.append(JobFailure(job_id, "result_rejected", str(e)))
                 continue
             self.counts["succeeded" if stored else "duplicate"] += 1
+            if stored and job_id in self.times:
+                rt.metrics.stored(*self.times[job_id])
         if rejected:
             _store_retrying(lambda: rt.store.jobs.mark_failed(rejected))
             self.counts["failed"] += len(rejected)
+            self._count_failed(rejected)
         if self.holding.given_back:
             back = sorted(self.holding.given_back)
             _store_retrying(lambda: rt.store.jobs.give_back(back, rt.config.hostname))
             log.info("handed %d unfinished job(s) back to the queue", len(back))
+
+
+    def _count_failed(self, failures: list[JobFailure]) -> None:
+        for f in failures:
+            claim = self.claims.get(f.job_id)
+            if claim is not None:
+                self.rt.metrics.failed(claim.model, claim.kind, f.code)
 
 
 def _claim(rt: WorkerRuntime, job_ids: list[str]) -> list[JobClaim]:

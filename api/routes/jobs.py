@@ -104,7 +104,7 @@ async def create_job(body: JobCreate, response: Response, who: Principal = Depen
         if job is None:  # deleted between the write and the read: nothing sensible to show
             raise ApiError(404, f"no job {submitted.id!r}", code="job_not_found")
         return JSONResponse(await run_in_threadpool(_full_json, state, who.tenant_id, job), status_code=200)
-    state.metrics.jobs_accepted += 1
+    state.metrics.jobs_accepted.inc()
     # The new job as stored, without reading it back (the hot path): created_at is when the API
     # took the request, within a millisecond of the stored value; GET shows the stored one.
     # Serialized here rather than through the response model: this is the hot path, and the

@@ -70,7 +70,7 @@ async def _run(request: Request, state: ApiState, who: Principal, prepared: Prep
         submitted = await state.submitter.submit(who.tenant_id, spec)
         if submitted.created and not submitted.enqueued:
             raise enqueue_failed(submitted.id)
-        state.metrics.jobs_accepted += int(submitted.created)
+        state.metrics.jobs_accepted.inc(int(submitted.created))
         try:
             job = await wait_final(state, who.tenant_id, submitted.id, state.config.sync_timeout_s,
                                    request.is_disconnected)
@@ -98,7 +98,7 @@ async def _run(request: Request, state: ApiState, who: Principal, prepared: Prep
     except BaseException:
         await follower.close()
         raise
-    state.metrics.jobs_accepted += int(submitted.created)
+    state.metrics.jobs_accepted.inc(int(submitted.created))
     return StreamingResponse(_chunks(state, who.tenant_id, follower, prepared.model, chat, include_usage),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
