@@ -98,6 +98,8 @@ class WorkerMetrics:
                                 (*LABELS, "status", "error_code"), registry=r)
         self.recovered = Counter("tokenmill_jobs_recovered", "Jobs claimed again after an earlier attempt "
                                  "was lost (a redelivered task).", LABELS, registry=r)
+        for cls in ("interactive", "bulk"):  # a zero, not a missing series, until the first redelivery
+            self.recovered.labels(model, cls)
         self._engine = _EngineCollector(model)
         r.register(self._engine)
 
