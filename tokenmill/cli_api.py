@@ -62,7 +62,12 @@ def make_app():  # type: ignore[no-untyped-def]
     """Factory for uvicorn's worker processes (``--factory``): reads the settings in each process."""
     from api.app import create_app
 
-    return create_app(api_config(Settings.from_env()))
+    settings = Settings.from_env()
+    if settings.log_format == "json":  # text: uvicorn's own logging, as it is
+        from tokenmill.log_format import configure_logging
+
+        configure_logging("json", "INFO")
+    return create_app(api_config(settings))
 
 
 def api_command(

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Mapping
 
 
+LOG_FORMATS = ("text", "json")
+
+
 def _home_dir(env: Mapping[str, str], xdg_var: str, fallback: str) -> Path:
     base = env.get(xdg_var) or str(Path(env.get("HOME", str(Path.home()))) / fallback)
     return Path(base) / "tokenmill"
@@ -52,6 +55,7 @@ class Settings:
     # from the standard PROMETHEUS_MULTIPROC_DIR); empty: `<data dir>/metrics/api-<port>` when
     # `api_workers` > 1, none with one process.
     metrics_dir: str = ""
+    log_format: str = "text"  # "json": one JSON object per log line, with job, tenant and worker ids
     # Flower (`tokenmill flower`, and inside `tokenmill up`)
     flower_host: str = "127.0.0.1"
     flower_port: int = 5555
@@ -84,7 +88,10 @@ class Settings:
             key = "TOKENMILL_" + f.name.upper()
             if f.name not in values and key in env:
                 values[f.name] = _convert(key, env[key], f.type)
-        return cls(**values)  # type: ignore[arg-type]
+        settings = cls(**values)  # type: ignore[arg-type]
+        if settings.log_format not in LOG_FORMATS:
+            raise ValueError(f"TOKENMILL_LOG_FORMAT={settings.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+        return settings
 
 
 def _convert(key: str, raw: str, type_name: object) -> object:

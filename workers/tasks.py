@@ -21,6 +21,7 @@ from typing import Any, Callable
 from celery import Celery
 from celery.exceptions import Reject
 
+from contract.log_context import log_fields, set_log_fields
 from contract.queues import TASK_GENERATE, TASK_GENERATE_BULK
 from contract.redis_keys import STREAM_CHANNEL
 from engine import SamplingParams
@@ -59,7 +60,8 @@ def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[
         raise Reject("the worker is stopping: the task goes back to the queue", requeue=True)
     run = _TaskRun(rt, rt.hold(job_ids), enqueued_at)
     try:
-        run.run()
+        with log_fields(job_id=job_ids[0] if len(job_ids) == 1 else None):
+            run.run()
     finally:
         rt.release(run.holding)
         rt.timings.add("task", time.monotonic() - started)
@@ -106,6 +108,8 @@ class _TaskRun:
         rt.timings.add("claim", time.monotonic() - start)
         self.counts["skipped"] = len(mine) - len(claims)  # cancelled, finished, expired or unknown
         rt.metrics.claimed(claims)
+        if len({c.tenant_id for c in claims}) == 1:
+            set_log_fields(tenant_id=claims[0].tenant_id)
         self.claims = {c.id: c for c in claims}
         evidence = rt.suspects.lookup([c.id for c in claims if c.attempts > 1])
         batch: list[_Job] = []
@@ -220,6 +224,7 @@ class _TaskRun:
             self.counts["succeeded" if stored else "duplicate"] += 1
             if stored and job_id in self.times:
                 rt.metrics.stored(*self.times[job_id])
+                _log_finished(job_id, self.claims.get(job_id), *self.times[job_id])
         if rejected:
             _store_retrying(lambda: rt.store.jobs.mark_failed(rejected))
             self.counts["failed"] += len(rejected)
@@ -235,6 +240,16 @@ class _TaskRun:
             claim = self.claims.get(f.job_id)
             if claim is not None:
                 self.rt.metrics.failed(claim.model, claim.kind, f.code)
+            with log_fields(job_id=f.job_id, tenant_id=claim.tenant_id if claim else None):
+                log.warning("job failed: %s", f.code)  # the code only: a message may quote the request
+
+
+def _log_finished(job_id: str, claim: JobClaim | None, t: JobTimes, status: str) -> None:
+    with log_fields(job_id=job_id, tenant_id=claim.tenant_id if claim else None):
+        log.info("job %s: %d prompt + %d completion tokens, %.3fs queued, %.3fs to the first token, %.3fs "
+                 "in all", status, t.prompt_tokens, t.completion_tokens, max(0.0, t.admitted_at - t.enqueued_at),
+                 max(0.0, (t.first_token_at or t.finished_at) - t.enqueued_at),
+                 max(0.0, t.finished_at - t.enqueued_at))
 
 
 def _claim(rt: WorkerRuntime, job_ids: list[str]) -> list[JobClaim]:

@@ -31,6 +31,7 @@ from api.schemas.common import (
 from api.schemas.jobs import Job, JobCreate, JobList, JobStatus
 from api.state import ApiState, get_state
 from api.waiting import FINAL, Delta, Final, JobFollower, cancel_job
+from contract.log_context import set_log_fields
 from store.sql import new_id
 from store.types import JobSpec
 
@@ -105,6 +106,8 @@ async def create_job(body: JobCreate, response: Response, who: Principal = Depen
             raise ApiError(404, f"no job {submitted.id!r}", code="job_not_found")
         return JSONResponse(await run_in_threadpool(_full_json, state, who.tenant_id, job), status_code=200)
     state.metrics.jobs_accepted.inc()
+    set_log_fields(job_id=submitted.id)
+    log.info("job accepted: model %s, %s", spec.model, spec.kind)
     # The new job as stored, without reading it back (the hot path): created_at is when the API
     # took the request, within a millisecond of the stored value; GET shows the stored one.
     # Serialized here rather than through the response model: this is the hot path, and the

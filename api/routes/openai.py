@@ -45,6 +45,7 @@ from api.schemas.openai import (
 )
 from api.state import ApiState, get_state
 from api.waiting import ClientGone, Delta, Final, JobFollower, cancel_job, failure_error, wait_final
+from contract.log_context import set_log_fields
 from store.sql import new_id
 from store.types import JobSpec
 
@@ -71,6 +72,7 @@ async def _run(request: Request, state: ApiState, who: Principal, prepared: Prep
         if submitted.created and not submitted.enqueued:
             raise enqueue_failed(submitted.id)
         state.metrics.jobs_accepted.inc(int(submitted.created))
+        set_log_fields(job_id=submitted.id)
         try:
             job = await wait_final(state, who.tenant_id, submitted.id, state.config.sync_timeout_s,
                                    request.is_disconnected)
@@ -99,6 +101,7 @@ async def _run(request: Request, state: ApiState, who: Principal, prepared: Prep
         await follower.close()
         raise
     state.metrics.jobs_accepted.inc(int(submitted.created))
+    set_log_fields(job_id=submitted.id)
     return StreamingResponse(_chunks(state, who.tenant_id, follower, prepared.model, chat, include_usage),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
