@@ -22,6 +22,7 @@ from api.registry import ModelRegistry
 from api.routes import admin, batches, files, jobs, openai, ops, usage
 from api.state import ApiState
 from api.submit import Submitter
+from contract import tracing
 from store import Store
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
             dispatcher.close()
             if own_store:
                 the_store.close()
+            tracing.flush()
 
     app = FastAPI(title="tokenmill", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.tokenmill = state

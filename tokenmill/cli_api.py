@@ -67,6 +67,10 @@ def make_app():  # type: ignore[no-untyped-def]
         from tokenmill.log_format import configure_logging
 
         configure_logging("json", "INFO")
+    if settings.otel_endpoint:
+        from tokenmill.tracing import configure_tracing
+
+        configure_tracing(settings.otel_endpoint, "tokenmill-api")
     return create_app(api_config(settings))
 
 

@@ -78,6 +78,10 @@ def worker_command(
         from tokenmill.log_format import configure_logging
 
         configure_logging("json", loglevel, worker=hostname)
+    if settings.otel_endpoint:
+        from tokenmill.tracing import configure_tracing
+
+        configure_tracing(settings.otel_endpoint, "tokenmill-worker")
 
     from tokenmill.builtin_model import prepare_model
 

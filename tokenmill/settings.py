@@ -56,6 +56,9 @@ class Settings:
     # `api_workers` > 1, none with one process.
     metrics_dir: str = ""
     log_format: str = "text"  # "json": one JSON object per log line, with job, tenant and worker ids
+    # OTLP/HTTP collector to send traces to (also read from the standard OTEL_EXPORTER_OTLP_ENDPOINT);
+    # empty: no tracing
+    otel_endpoint: str = ""
     # Flower (`tokenmill flower`, and inside `tokenmill up`)
     flower_host: str = "127.0.0.1"
     flower_port: int = 5555
@@ -83,6 +86,7 @@ class Settings:
             "database_url": env.get("TOKENMILL_DATABASE_URL") or f"sqlite:///{data_dir / 'tokenmill.db'}",
             # The standard variables of prometheus_client and OpenTelemetry count too.
             "metrics_dir": env.get("TOKENMILL_METRICS_DIR") or env.get("PROMETHEUS_MULTIPROC_DIR", ""),
+            "otel_endpoint": env.get("TOKENMILL_OTEL_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
         }
         for f in fields(cls):
             key = "TOKENMILL_" + f.name.upper()

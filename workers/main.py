@@ -69,6 +69,7 @@ def run_worker(opts: WorkerOptions) -> None:
     """Loads the engine, then runs the Celery worker until it is told to stop."""
     from celery import signals
 
+    from contract import tracing
     from contract.celery_app import QueueConfig, declare_queues, make_celery
     from contract.queues import queue_for
     from engine import Engine
@@ -112,6 +113,7 @@ def run_worker(opts: WorkerOptions) -> None:
     finally:
         rt.stop()
         store.close()
+        tracing.flush()
     code = getattr(worker, "exitcode", 0) or 0
     if code:
         raise SystemExit(code)

@@ -21,12 +21,14 @@ from typing import Any, Callable
 from celery import Celery
 from celery.exceptions import Reject
 
+from contract import tracing
 from contract.log_context import log_fields, set_log_fields
 from contract.queues import TASK_GENERATE, TASK_GENERATE_BULK
 from contract.redis_keys import STREAM_CHANNEL
 from engine import SamplingParams
 from store.types import FinishedJob, JobClaim, JobFailure
 from workers.engine_loop import EngineCrashed, GivenBack
+from workers.job_trace import job_trace, trace_engine, trace_headers, trace_write
 from workers.metrics import JobTimes, job_times
 from workers.path_timings import timed_request_class
 from workers.result_writer import ResultRejected
@@ -44,16 +46,23 @@ def register_tasks(app: Celery, rt: WorkerRuntime) -> None:
 
     @app.task(name=TASK_GENERATE, bind=True, acks_late=True, Request=timed)
     def generate(self: Any, job_id: str, enqueued_at: float) -> dict[str, int]:
-        return run_jobs(rt, [job_id], enqueued_at)
+        return run_jobs(rt, [job_id], enqueued_at, trace=trace_headers(self.request))
 
     @app.task(name=TASK_GENERATE_BULK, bind=True, acks_late=True, Request=timed)
     def generate_bulk(self: Any, job_ids: list[str], enqueued_at: float) -> dict[str, int]:
         return run_jobs(rt, list(job_ids), enqueued_at)
 
 
-def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[str, int]:
+def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float,
+             trace: dict[str, str] | None = None) -> dict[str, int]:
     """Runs the given jobs to a final state in the store. Returns counts by outcome; raises
-    `Reject(requeue=True)` when some jobs went back to the queue unfinished (the worker stops)."""
+    `Reject(requeue=True)` when some jobs went back to the queue unfinished (the worker stops).
+    ``trace``: the trace context the task carried (workers.job_trace)."""
+    with job_trace(trace, job_ids, enqueued_at, rt.config.hostname):
+        return _run_jobs(rt, job_ids, enqueued_at)
+
+
+def _run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[str, int]:
     started = time.monotonic()
     rt.timings.add("delivery", max(0.0, time.time() - enqueued_at))
     if rt.stopping:  # received as the worker was told to stop: another worker will run it
@@ -98,13 +107,15 @@ class _TaskRun:
     writes: list[tuple[str, Future]] = field(default_factory=list)
     claims: dict[str, JobClaim] = field(default_factory=dict)  # for the metrics of failures
     times: dict[str, tuple[JobTimes, str]] = field(default_factory=dict)  # job -> figures, status if stored
+    handed: dict[str, float] = field(default_factory=dict)  # job -> when its result went to the writer
 
     def run(self) -> None:
         rt, mine = self.rt, self.holding.mine
         if not mine:
             return
         start = time.monotonic()
-        claims = _claim(rt, mine)
+        with tracing.child("tokenmill.claim"):
+            claims = _claim(rt, mine)
         rt.timings.add("claim", time.monotonic() - start)
         self.counts["skipped"] = len(mine) - len(claims)  # cancelled, finished, expired or unknown
         rt.metrics.claimed(claims)
@@ -205,6 +216,8 @@ class _TaskRun:
         self.writes.append((claim.id, rt.writer.submit(finished)))
         self.times[claim.id] = (job_times(claim.model, claim.kind, self.enqueued_at, out),
                                 "expired" if expired else "succeeded")
+        trace_engine(self.times[claim.id][0])
+        self.handed[claim.id] = time.time()
         self.counts["prompt_tokens"] += out.prompt_tokens
         self.counts["completion_tokens"] += out.completion_tokens
 
@@ -223,6 +236,7 @@ class _TaskRun:
                 continue
             self.counts["succeeded" if stored else "duplicate"] += 1
             if stored and job_id in self.times:
+                trace_write(self.handed[job_id])
                 rt.metrics.stored(*self.times[job_id])
                 _log_finished(job_id, self.claims.get(job_id), *self.times[job_id])
         if rejected:
