@@ -109,6 +109,8 @@ def observed(database_url: str, redis_url: str, tiny_dir: Path, redis_client: re
         with server.client(key) as c:
             job_id = c.post("/v1/jobs", json={"model": MODEL, "prompt": prompt, "params": {"max_tokens": 12}}).json()["id"]
             job = wait_job(c, job_id)
+            # The OpenAI endpoints make the same trace.
+            assert c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}).status_code == 200
         assert job["status"] == "succeeded"
     finally:
         # Stopping flushes each process's batch of spans (the tracer provider's exit hook).
@@ -179,6 +181,9 @@ def test_one_job_is_one_trace_from_submit_to_result_write(observed: Observed) ->
     assert mine["tokenmill.claim"]["end"] <= engine["start"] <= mine["tokenmill.result_write"]["start"]
     assert mine["tokenmill.result_write"]["end"] <= mine["tokenmill.run"]["end"]
     assert mine["tokenmill.engine"]["attrs"]["tokenmill.completion_tokens"] > 0
+    other = [s["trace"] for s in o.spans.spans if s["name"] == "tokenmill.submit" and s["trace"] != trace_id]
+    assert len(other) == 1, "the /v1/completions job made no trace of its own"
+    assert {s["name"] for s in o.spans.spans if s["trace"] == other[0]} == set(mine)
 
 
 def test_an_unknown_log_format_is_refused_naming_the_variable() -> None:
