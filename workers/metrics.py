@@ -132,8 +132,8 @@ class WorkerMetrics:
         """The engine's latest figures, exported at the next collection."""
         self._engine.update(stats, tokens_per_s, pending)
 
-    def encode(self) -> str:
-        """This registry as `contract.worker_metrics` JSON."""
+    def encode(self) -> bytes:
+        """This registry as a `contract.worker_metrics` entry."""
         return encode_families(self.registry.collect())
 
 

@@ -59,7 +59,7 @@ def test_two_workers_merge_into_one_exposition_each_sample_with_its_worker() -> 
         def scan_iter(self, match: str, count: int) -> list[bytes]:
             return list(entries)
 
-        def mget(self, keys: list[bytes]) -> list[str]:
+        def mget(self, keys: list[bytes]) -> list[bytes]:
             return [entries[k] for k in keys]
 
     text = ApiMetrics().exposition(lambda: worker_families(Redis())).decode()
