@@ -3,7 +3,8 @@ output token, end-to-end latency, prompt and completion lengths), jobs by termin
 error code, redelivered jobs, and the engine's live figures. Names and buckets follow vLLM's
 (``vllm:time_to_first_token_seconds`` is ``tokenmill_request_time_to_first_token_seconds`` here).
 
-The registry is this process's own; `WorkerRuntime` writes it to Redis every second
+The registry is this process's own; `WorkerRuntime` writes it to Redis every second, from a thread
+of its own
 (`contract.worker_metrics`) and the API's `/metrics` merges every worker's entry.
 
 Every job's times are measured from its *send*: the moment the API (or the reconciler) put its

@@ -83,6 +83,11 @@ class WorkerRuntime:
         self._cancel_thread = threading.Thread(target=self._listen_cancels, name="cancel-listener",
                                                daemon=True)
         self._stopping = False
+        # Collecting and compressing the Prometheus registry takes milliseconds: not in the engine
+        # loop's thread, which publishes the figures above.
+        self._metrics_thread = threading.Thread(target=self._publish_metrics, name="metrics-publisher",
+                                                daemon=True)
+        self._metrics_stop = threading.Event()
         self.last_figures: dict[str, Any] = {}  # the latest engine figures (read by workers.engine_events)
 
     def start(self) -> "WorkerRuntime":
@@ -90,6 +95,7 @@ class WorkerRuntime:
         self.loop.start()
         self._cancel_thread.start()
         self._publish_stats(self.loop.engine.stats(), 0.0)
+        self._metrics_thread.start()
         return self
 
     def stop(self) -> None:
@@ -99,6 +105,9 @@ class WorkerRuntime:
             self._grace_timer.cancel()
         self.loop.stop()
         self.writer.stop()
+        self._metrics_stop.set()
+        if self._metrics_thread.is_alive():
+            self._metrics_thread.join(5.0)  # its last write lands before the delete below
         try:
             self.redis.delete(WORKER_STATS_KEY.format(hostname=self.config.hostname),
                               WORKER_METRICS_KEY.format(hostname=self.config.hostname))
@@ -187,11 +196,17 @@ class WorkerRuntime:
             pipe = self.redis.pipeline()
             pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
             pipe.expire(key, WORKER_STATS_TTL_S)
-            pipe.set(WORKER_METRICS_KEY.format(hostname=self.config.hostname), self.metrics.encode(),
-                     ex=WORKER_STATS_TTL_S)
             pipe.execute()
         except redis.RedisError as e:  # figures are best effort; generation goes on
             log.warning("could not publish engine stats: %r", e)
+
+    def _publish_metrics(self) -> None:
+        key = WORKER_METRICS_KEY.format(hostname=self.config.hostname)
+        while not self._metrics_stop.wait(1.0):
+            try:
+                self.redis.set(key, self.metrics.encode(), ex=WORKER_STATS_TTL_S)
+            except redis.RedisError as e:  # best effort, like the figures
+                log.warning("could not publish metrics: %r", e)
 
     def _listen_cancels(self) -> None:
         while not self._stopping:
