@@ -98,9 +98,9 @@ class _Shared:
         return self._shared()
 
 
-def store_families(store: Any) -> list[Metric]:
-    """Jobs by status, tokens per model and per tenant (all from the store: every API process
-    reports the same)."""
+def store_families(store: Any, *, per_tenant: bool = False) -> list[Metric]:
+    """Jobs by status, tokens per model, and with ``per_tenant`` per tenant (all from the store:
+    every API process reports the same)."""
     out: list[Metric] = []
     jobs = GaugeMetricFamily("tokenmill_jobs", "Jobs by status (all tenants).", labels=["status"])
     for status, n in sorted(store.jobs.count_by_status().items()):
@@ -113,6 +113,8 @@ def store_families(store: Any) -> list[Metric]:
                              ("cached_in", b.cached_prompt_tokens)):
             tokens.add_metric([b.model or "", direction], n)
     out.append(tokens)
+    if not per_tenant:
+        return out
     tenants = CounterMetricFamily("tokenmill_tenant_tokens", "Tokens processed, by tenant, model and direction.",
                                   labels=["tenant", "model", "direction"])
     for b in store.usage.summary(None, group_by=["tenant", "model"]):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client.core import Metric
 from sqlalchemy import text
@@ -64,14 +65,16 @@ def readyz(state: ApiState = Depends(get_state)) -> Any:
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, openapi_extra=OPEN,
             responses=responses({200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text exposition"}}))
-def metrics(state: ApiState = Depends(get_state)) -> Response:
-    """Requests and accepted jobs (every API process), jobs by status, tokens per model and
-    tenant, queue depth per queue, live workers, and every worker's histograms and engine figures
-    (docs/observability.md). Parts whose source is down are left out."""
+def metrics(request: Request, state: ApiState = Depends(get_state)) -> Response:
+    """Requests and accepted jobs (every API process), jobs by status, tokens per model, queue
+    depth per queue, live workers, and every worker's histograms and engine figures
+    (docs/observability.md). Tokens per tenant only with the admin key (``Authorization: Bearer``):
+    the endpoint is open, tenant ids are not. Parts whose source is down are left out."""
+    per_tenant = _is_admin(request, state.config.admin_key)
 
     def shared() -> list[Metric]:
         out: list[Metric] = []
-        for part, read in (("store", lambda: store_families(state.store)),
+        for part, read in (("store", lambda: store_families(state.store, per_tenant=per_tenant)),
                            ("queues", lambda: queue_families(state.dispatcher, state.registry.names())),
                            ("workers", lambda: worker_families(state.dispatcher.redis))):
             try:
@@ -81,3 +84,10 @@ def metrics(state: ApiState = Depends(get_state)) -> Response:
         return out
 
     return Response(state.metrics.exposition(shared), media_type=CONTENT_TYPE)
+
+
+def _is_admin(request: Request, admin_key: str) -> bool:
+    # No 401 here: without the admin key (or with a wrong one) the open figures are the answer.
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return bool(admin_key) and scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                                   admin_key.encode())

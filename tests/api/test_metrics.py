@@ -11,15 +11,17 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import REPO, TINY, Proc, Server, free_port, wait_job
+from conftest import ADMIN_KEY, REPO, TINY, Proc, Server, free_port, wait_job
 from prometheus_client.parser import text_string_to_metric_families
 
 DASHBOARD = REPO / "deploy" / "grafana" / "tokenmill.json"
 
 
-def scrape(url: str) -> dict[str, list[tuple[str, dict[str, str], float]]]:
-    """Family name -> its samples, as Prometheus parses the exposition."""
-    text = httpx.get(url + "/metrics", timeout=10).text
+def scrape(url: str, key: str | None = ADMIN_KEY) -> dict[str, list[tuple[str, dict[str, str], float]]]:
+    """Family name -> its samples, as Prometheus parses the exposition (scraping with the admin
+    key by default, as deploy/prometheus/prometheus.yml does)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
     return {f.name: [(s.name, s.labels, s.value) for s in f.samples] for f in text_string_to_metric_families(text)}
 
 
@@ -63,7 +65,10 @@ def test_a_finished_job_shows_in_the_worker_histograms_behind_one_scrape(server:
     assert value(after, "tokenmill_api_jobs_accepted_total") - value(before, "tokenmill_api_jobs_accepted_total") == 3
     assert value(after, "tokenmill_worker_up", model=TINY) == 1
     assert any(ls["direction"] == "out" and v > 0 for _, ls, v in after["tokenmill_tenant_tokens"])
-
+    # The endpoint is open; tenant ids are not: without the admin key (or with another) no tenant.
+    for key in (None, "tm-not-the-admin-key"):
+        open_view = scrape(server.url, key)
+        assert "tokenmill_tenant_tokens" not in open_view and "tokenmill_request_e2e_latency_seconds" in open_view
 
 def test_several_api_processes_add_up_in_one_scrape(database_url: str, redis_url: str, tiny_dir: Path,
                                                       tmp_path: Path, worker: Proc) -> None:
@@ -116,7 +121,7 @@ def test_every_metric_of_the_dashboard_is_exposed(server: Server, api: httpx.Cli
     job = api.post("/v1/jobs", json={"model": TINY, "prompt": "x", "params": {"max_tokens": 3}}).json()["id"]
     assert wait_job(api, job)["status"] == "succeeded"
     time.sleep(1.5)  # the worker's next write of its metrics
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).text
     exposed = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     missing = sorted(dashboard_metrics() - exposed)
     assert not missing, f"the dashboard asks for metrics /metrics does not expose: {missing}"
