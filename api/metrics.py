@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 disable_created_metrics()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
                     600.0)
 
@@ -57,7 +58,10 @@ class ApiMetrics:
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        """Counts one request."""
+        """Counts one request (a method no route knows counts as ``OTHER``: a client must not be able
+        to make new series at will; the route is a template or ``unmatched`` already)."""
+        if method not in _METHODS:
+            method = "OTHER"
         key = (method, route, status)
         children = self._request_children.get(key)
         if children is None:  # labels() takes a lock and builds a tuple: once per key, not per request
