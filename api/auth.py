@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from api.errors import ApiError
+from contract.log_context import set_log_fields
 from api.state import ApiState, get_state
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ async def authenticate(request: Request, state: ApiState = Depends(get_state)) -
             raise _unauthorized("invalid or revoked API key")
         principal = Principal(key.tenant_id, key.id)
         cache.put(digest, principal, generation)
+    set_log_fields(tenant_id=principal.tenant_id)  # the rest of this request's log lines name it
     return principal
 
 

@@ -29,3 +29,4 @@ class ApiConfig:
     run_batch_loop: bool = True
     reconcile_interval_s: float = 10.0  # how often the reconciler looks for jobs Redis lost (<= 0: never)
     reconcile_min_age_s: float = 30.0  # how long a job waits or runs before the reconciler looks for it
+    metrics_multiprocess_dir: str = ""  # prometheus_client's directory shared by several API processes

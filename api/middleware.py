@@ -11,7 +11,7 @@ from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
-from api.metrics import RequestMetrics
+from api.metrics import ApiMetrics
 
 _JSON_TYPES = ("application/json",)
 _MULTIPART = "multipart/form-data"
@@ -33,7 +33,7 @@ class RequestGuard:
     it arrives.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_file_bytes: int, metrics: RequestMetrics) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_file_bytes: int, metrics: ApiMetrics) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.max_file = max_file_bytes

@@ -102,7 +102,7 @@ class Dispatcher:
         except Exception as exc:
             raise QueueUnavailable(str(exc)) from exc
 
-    def send_many(self, jobs: list[tuple[str, str, bool]]) -> int:
+    def send_many(self, jobs: list[tuple[str, str, bool]], *, headers: list[dict[str, str] | None] | None = None) -> int:
         """Enqueues stored jobs ``(job_id, model, bulk)`` in order, all in one Redis round trip
         (kombu's publish batch: the tasks and their task-sent events go out as one pipeline);
         returns how many were sent: all, or 0 when Redis refused.
@@ -110,13 +110,15 @@ class Dispatcher:
         Each task is `contract.celery_app.job_task`'s, as `send_job` sends it: only the producer
         and the round trip are shared. A pipeline cut short may have delivered some
         of them; they count as unsent, and the reconciler, which looks in Redis first, sends only
-        the ones that are missing.
+        the ones that are missing. ``headers``: per job, the trace context its task carries.
         """
         now = time.time()
         try:
             with self.celery.producer_or_acquire() as producer, producer.batch(max_size=2 * len(jobs) + 8):
-                for job_id, model, bulk in jobs:
-                    self.celery.send_task(**job_task(job_id, model, bulk=bulk, enqueued_at=now), producer=producer)
+                for i, (job_id, model, bulk) in enumerate(jobs):
+                    task = job_task(job_id, model, bulk=bulk, enqueued_at=now,
+                                    headers=headers[i] if headers is not None else None)
+                    self.celery.send_task(**task, producer=producer)
         except Exception as exc:
             log.warning("Redis refused a group of %d tasks: %r", len(jobs), exc)
             return 0

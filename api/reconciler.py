@@ -38,6 +38,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Callable
 
 from api.queue import Dispatcher, QueueUnavailable
 from contract.redis_keys import WORKER_STATS_TTL_S
@@ -67,8 +68,9 @@ class Reconciler:
     """Finds the open jobs whose tasks Redis lost and sends them again (one API process at a time)."""
 
     def __init__(self, store: Store, dispatcher: Dispatcher, *, interval_s: float = 10.0, min_age_s: float = 30.0,
-                 page: int = 5000) -> None:
+                 page: int = 5000, on_resent: Callable[[str], None] | None = None) -> None:
         self._store = store
+        self._on_resent = on_resent  # metrics hook: called with the job's status for each job sent again
         self._dispatcher = dispatcher
         self.interval_s = interval_s
         self.min_age_s = min_age_s
@@ -125,6 +127,8 @@ class Reconciler:
                     self._suspects.pop(j.id, None)
                     report.resent[j.status] = report.resent.get(j.status, 0) + 1
                     self.resent_total[j.status] += 1
+                    if self._on_resent is not None:
+                        self._on_resent(j.status)
             log.warning("reconciler: Redis held no task for %d job(s) of %d open; sent again: %s", len(confirmed),
                         len(jobs), ", ".join(f"{n} {status}" for status, n in sorted(report.resent.items())) or "none")
         return report

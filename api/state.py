@@ -10,7 +10,7 @@ from fastapi import Request
 
 from api.batch_runner import BatchRunner
 from api.config import ApiConfig
-from api.metrics import RequestMetrics
+from api.metrics import ApiMetrics
 from api.queue import Dispatcher
 from api.reconciler import Reconciler
 from api.registry import ModelRegistry
@@ -29,7 +29,7 @@ class ApiState:
     submitter: Submitter
     batches: BatchRunner
     reconciler: Reconciler
-    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
 
 
 def get_state(request: Request) -> ApiState:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 from api.queue import Dispatcher
+from contract import tracing
 from store import Store
 from store.types import JobSpec
 
@@ -36,6 +38,7 @@ class _Pending:
     tenant_id: str
     spec: JobSpec
     future: asyncio.Future[Submitted]
+    trace: dict[str, str] | None = None  # the submit span's context (contract.tracing), when traced
 
 
 class Submitter:
@@ -64,12 +67,13 @@ class Submitter:
             except asyncio.CancelledError:
                 pass
 
-    async def submit(self, tenant_id: str, spec: JobSpec) -> Submitted:
-        """Stores the job and sends its task; returns once both are done (or the send failed)."""
+    async def submit(self, tenant_id: str, spec: JobSpec, *, trace: dict[str, str] | None = None) -> Submitted:
+        """Stores the job and sends its task; returns once both are done (or the send failed).
+        ``trace``: the trace context the task carries to its worker."""
         if self._queue is None:
             raise RuntimeError("the submitter is not started")
         future: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(tenant_id, spec, future))
+        await self._queue.put(_Pending(tenant_id, spec, future, trace))
         return await future
 
     async def _run(self) -> None:
@@ -90,6 +94,7 @@ class Submitter:
                     p.future.set_result(outcome)
 
     def _write(self, group: list[_Pending]) -> list[Submitted]:
+        started = time.time()
         by_tenant: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(group):
             by_tenant[p.tenant_id].append(i)
@@ -101,8 +106,16 @@ class Submitter:
         pairs = [pair for pair in created if pair is not None]
         new = [(job_id, group[i].spec.model, group[i].spec.kind == "bulk")
                for i, (job_id, is_new) in enumerate(pairs) if is_new]
+        traced = [group[i].trace for i, (_, is_new) in enumerate(pairs) if is_new]
+        # One span per traced job, from the group's write to its send: its context rides in the task.
+        spans = [tracing.start_span("tokenmill.enqueue", t, kind=tracing.SpanKind.PRODUCER, start_s=started)
+                 if t is not None else None for t in traced]
+        headers = [tracing.carrier(s) if s is not None else None for s in spans] if any(spans) else None
         # Sent in order, so the first `sent` new jobs are the ones Redis took.
-        sent = self._dispatcher.send_many(new) if new else 0
+        sent = self._dispatcher.send_many(new, headers=headers) if new else 0
+        for s in spans:
+            if s is not None:
+                tracing.end(s)
         out: list[Submitted] = []
         n_new = 0
         for job_id, is_new in pairs:

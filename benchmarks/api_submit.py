@@ -8,6 +8,9 @@ machine it shares with the server).
 
     .venv/bin/python benchmarks/api_submit.py --jobs 20000 --connections 64 --api-workers 2 \\
         --batch-lines 50000
+
+With several API processes they share a prometheus_client multiprocess directory, as under
+`tokenmill api` (`--batch-lines 0` leaves the batch out; benchmarks/metrics_overhead.py uses that).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -79,6 +83,22 @@ async def submit_jobs(url: str, key: str, n: int, connections: int) -> tuple[flo
     return time.perf_counter() - started, statuses
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its descendants (Linux /proc), in seconds."""
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
 def batch_file(lines: int) -> bytes:
     """A JSONL batch input of short chat requests."""
     out = io.BytesIO()
@@ -120,6 +140,9 @@ def main() -> None:
         env = {**os.environ, "TOKENMILL_DATABASE_URL": db_url, "TOKENMILL_REDIS_URL": args.redis,
                "TOKENMILL_SERVED_MODELS": f"{MODEL}={args.model_dir}", "TOKENMILL_QUEUE_LIMIT": str(10**9),
                "TOKENMILL_BATCH_MAX_LINES": str(max(args.batch_lines, 50_000))}
+        if args.api_workers > 1:  # what `tokenmill api --workers N` gives its processes
+            metrics_dir = tempfile.mkdtemp(prefix="tokenmill-bench-metrics-")
+            env["TOKENMILL_METRICS_DIR"] = env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "tokenmill.cli_api:make_app", "--factory",
                                  "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.api_workers),
                                  "--log-level", "warning", "--no-access-log"], env=env, cwd=REPO)
@@ -137,13 +160,22 @@ def main() -> None:
         # warm up (tokenizer load, connection pools) in every process
         asyncio.run(submit_jobs(url, key, 200, 8))
 
+        cpu_before = cpu_seconds(proc.pid)
         seconds, statuses = asyncio.run(submit_jobs(url, key, args.jobs, args.connections))
+        api_cpu = cpu_seconds(proc.pid) - cpu_before
         accepted = statuses.get(202, 0)
         stored = store.jobs.count_jobs(tenant.id)
         queued_tasks = r.llen(queue_for(MODEL))
         print(f"POST /v1/jobs: {args.jobs} jobs over {args.connections} connections, {args.api_workers} API "
               f"processes: {seconds:.2f} s, {accepted / seconds:,.0f} jobs/s accepted; statuses {statuses}; "
-              f"{stored} rows stored (incl. 200 warm-up), {queued_tasks} tasks in Redis")
+              f"{stored} rows stored (incl. 200 warm-up), {queued_tasks} tasks in Redis; API CPU "
+              f"{1000 * api_cpu / max(accepted, 1):.3f} ms per job")
+        t0 = time.perf_counter()
+        scrape = httpx.get(url + "/metrics", timeout=30)
+        print(f"GET /metrics: {scrape.status_code}, {len(scrape.content):,} bytes in {time.perf_counter() - t0:.3f} s")
+        if args.batch_lines <= 0:
+            store.close()
+            return
 
         data = batch_file(args.batch_lines)
         t0 = time.perf_counter()

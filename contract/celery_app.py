@@ -71,11 +71,16 @@ def make_celery(config: QueueConfig | None = None, name: str = "tokenmill") -> C
     return app
 
 
-def job_task(job_id: str, model: str, *, bulk: bool = False, enqueued_at: float | None = None) -> dict[str, Any]:
+def job_task(job_id: str, model: str, *, bulk: bool = False, enqueued_at: float | None = None,
+             headers: dict[str, str] | None = None) -> dict[str, Any]:
     """The task of one job, as `Celery.send_task` arguments: its name, arguments (the job id and
-    when it was enqueued), id (the job id), queue and priority."""
-    return {"name": TASK_GENERATE, "args": [job_id, enqueued_at or time.time()], "task_id": job_id,
+    when it was enqueued), id (the job id), queue and priority; ``headers``: message headers (the
+    W3C trace context, `contract.tracing`)."""
+    task = {"name": TASK_GENERATE, "args": [job_id, enqueued_at or time.time()], "task_id": job_id,
             "queue": queue_for(model), "priority": PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE}
+    if headers:
+        task["headers"] = headers
+    return task
 
 
 def send_job(app: Celery, job_id: str, model: str, *, bulk: bool = False,

@@ -7,6 +7,10 @@ STREAM_CHANNEL = "tokenmill:stream:{job_id}"  # pub/sub: a running job's new tex
 CANCEL_CHANNEL = "tokenmill:cancel"  # pub/sub: ids of jobs to abort wherever they run
 WORKER_STATS_KEY = "tokenmill:worker:{hostname}"  # hash of live engine figures, with a TTL
 WORKER_STATS_PATTERN = WORKER_STATS_KEY.format(hostname="*")  # every worker's hash (for SCAN)
+# A worker's Prometheus metric families (contract.worker_metrics), refreshed with its figures and
+# under the same TTL: the API's /metrics merges them (docs/observability.md).
+WORKER_METRICS_KEY = "tokenmill:worker-metrics:{hostname}"
+WORKER_METRICS_PATTERN = WORKER_METRICS_KEY.format(hostname="*")
 # A worker refreshes its hash every second; one not refreshed for this long is gone.
 WORKER_STATS_TTL_S = 15
 
@@ -14,4 +18,4 @@ WORKER_STATS_TTL_S = 15
 def worker_of(stats_key: str | bytes) -> str:
     """The worker hostname in a `WORKER_STATS_KEY` (hostnames may hold colons themselves)."""
     key = stats_key.decode() if isinstance(stats_key, bytes) else stats_key
-    return key.split(":", 2)[-1]
+    return key.split(":", 2)[-1]  # the same for WORKER_METRICS_KEY

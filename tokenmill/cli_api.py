@@ -54,7 +54,7 @@ def api_config(settings: Settings):  # type: ignore[no-untyped-def]
         max_file_bytes=settings.max_file_bytes, batch_max_lines=settings.batch_max_lines,
         default_max_tokens=settings.default_max_tokens, sync_timeout_s=settings.sync_timeout_s,
         visibility_timeout_s=settings.visibility_timeout_s, reconcile_interval_s=settings.reconcile_interval_s,
-        reconcile_min_age_s=settings.reconcile_min_age_s,
+        reconcile_min_age_s=settings.reconcile_min_age_s, metrics_multiprocess_dir=settings.metrics_dir,
     )
 
 
@@ -62,7 +62,16 @@ def make_app():  # type: ignore[no-untyped-def]
     """Factory for uvicorn's worker processes (``--factory``): reads the settings in each process."""
     from api.app import create_app
 
-    return create_app(api_config(Settings.from_env()))
+    settings = Settings.from_env()
+    if settings.log_format == "json":  # text: uvicorn's own logging, as it is
+        from tokenmill.log_format import configure_logging
+
+        configure_logging("json", "INFO")
+    if settings.otel_endpoint:
+        from tokenmill.tracing import configure_tracing
+
+        configure_tracing(settings.otel_endpoint, "tokenmill-api")
+    return create_app(api_config(settings))
 
 
 def api_command(
@@ -75,11 +84,27 @@ def api_command(
     import uvicorn
 
     settings = Settings.from_env()
+    processes = workers or settings.api_workers
+    metrics_dir = settings.metrics_dir
+    if not metrics_dir and processes > 1:
+        metrics_dir = str(settings.data_dir / "metrics" / f"api-{port or settings.api_port}")
+    if metrics_dir:
+        _fresh_metrics_dir(Path(metrics_dir))
+        # Read by prometheus_client as it is imported in each worker process, and by its settings.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ["TOKENMILL_METRICS_DIR"] = metrics_dir
+        settings = Settings.from_env()
     config = api_config(settings)
     missing = [name for name, where in config.models.items() if where is None]
     if missing:
         typer.echo(f"note: no model directory for {', '.join(missing)}: prompts are not counted here "
                    "(set TOKENMILL_SERVED_MODELS=name=dir)", err=True)
     uvicorn.run("tokenmill.cli_api:make_app", factory=True, host=host or settings.api_host,
-                port=port or settings.api_port, workers=workers or settings.api_workers,
+                port=port or settings.api_port, workers=processes,
                 log_level=loglevel.lower(), proxy_headers=True, timeout_keep_alive=30)
+
+
+def _fresh_metrics_dir(path: Path) -> None:
+    """prometheus_client's multiprocess files of an earlier run would add to this one's counters."""
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.db"):
+        old.unlink()

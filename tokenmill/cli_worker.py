@@ -32,14 +32,23 @@ def worker_command(
     from tokenmill.settings import Settings
 
     settings = Settings.from_env()
+    # A worker's metrics travel through Redis (workers.metrics), never through the API's
+    # multiprocess directory: set for the whole host, it would count them twice.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     model = model or settings.model
     served = served_name or os.path.basename(os.path.normpath(model))
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.log_format != "json":  # JSON: configured below, once the worker's name is known
+        logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if gpus is not None:
         if gpus != "all":
             raise typer.BadParameter('only "all" is accepted', param_hint="--gpus")
         from tokenmill.gpus import visible_gpu_ids
         from tokenmill.supervisor import supervise
+
+        if settings.log_format == "json":
+            from tokenmill.log_format import configure_logging
+
+            configure_logging("json", loglevel)
 
         ids = visible_gpu_ids()
         if not ids:
@@ -62,6 +71,18 @@ def worker_command(
     if device.startswith("cuda") and device != "cuda":
         device = "cuda"  # the pinned GPU is always index 0 inside the process
 
+    from workers.main import default_hostname  # torch-free: the engine loads later
+
+    hostname = hostname or default_hostname(served, device)
+    if settings.log_format == "json":
+        from tokenmill.log_format import configure_logging
+
+        configure_logging("json", loglevel, worker=hostname)
+    if settings.otel_endpoint:
+        from tokenmill.tracing import configure_tracing
+
+        configure_tracing(settings.otel_endpoint, "tokenmill-worker")
+
     from tokenmill.builtin_model import prepare_model
 
     try:
@@ -83,7 +104,8 @@ def worker_command(
         visibility_timeout_s=settings.visibility_timeout_s,
         loglevel=loglevel.upper(), hostname=hostname,
         num_kv_blocks=(settings.num_kv_blocks if num_kv_blocks is None else num_kv_blocks) or None,
-        shutdown_grace_s=settings.shutdown_grace_s, fault_crash_marker=settings.fault_crash_marker))
+        shutdown_grace_s=settings.shutdown_grace_s, fault_crash_marker=settings.fault_crash_marker,
+        log_format=settings.log_format))
 
 
 def _dummy_shape(name: str) -> str:

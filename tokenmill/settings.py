@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Mapping
 
 
+LOG_FORMATS = ("text", "json")
+
+
 def _home_dir(env: Mapping[str, str], xdg_var: str, fallback: str) -> Path:
     base = env.get(xdg_var) or str(Path(env.get("HOME", str(Path.home()))) / fallback)
     return Path(base) / "tokenmill"
@@ -47,6 +50,15 @@ class Settings:
     sync_timeout_s: float = 600.0  # how long a synchronous completion waits for its job
     reconcile_interval_s: float = 10.0  # how often the API looks for jobs whose task Redis lost (<= 0: never)
     reconcile_min_age_s: float = 30.0  # how long a job waits or runs before it is looked for in Redis
+    # observability (docs/observability.md)
+    # prometheus_client's multiprocess directory, shared by the API processes of one host (also read
+    # from the standard PROMETHEUS_MULTIPROC_DIR); empty: `<data dir>/metrics/api-<port>` when
+    # `api_workers` > 1, none with one process.
+    metrics_dir: str = ""
+    log_format: str = "text"  # "json": one JSON object per log line, with job, tenant and worker ids
+    # OTLP/HTTP collector to send traces to (also read from the standard OTEL_EXPORTER_OTLP_ENDPOINT);
+    # empty: no tracing
+    otel_endpoint: str = ""
     # Flower (`tokenmill flower`, and inside `tokenmill up`)
     flower_host: str = "127.0.0.1"
     flower_port: int = 5555
@@ -72,12 +84,18 @@ class Settings:
             "data_dir": data_dir,
             "cache_dir": cache_dir,
             "database_url": env.get("TOKENMILL_DATABASE_URL") or f"sqlite:///{data_dir / 'tokenmill.db'}",
+            # The standard variables of prometheus_client and OpenTelemetry count too.
+            "metrics_dir": env.get("TOKENMILL_METRICS_DIR") or env.get("PROMETHEUS_MULTIPROC_DIR", ""),
+            "otel_endpoint": env.get("TOKENMILL_OTEL_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
         }
         for f in fields(cls):
             key = "TOKENMILL_" + f.name.upper()
             if f.name not in values and key in env:
                 values[f.name] = _convert(key, env[key], f.type)
-        return cls(**values)  # type: ignore[arg-type]
+        settings = cls(**values)  # type: ignore[arg-type]
+        if settings.log_format not in LOG_FORMATS:
+            raise ValueError(f"TOKENMILL_LOG_FORMAT={settings.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+        return settings
 
 
 def _convert(key: str, raw: str, type_name: object) -> object:

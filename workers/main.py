@@ -39,6 +39,12 @@ class WorkerOptions:
     load_format: str = "auto"  # "dummy": random weights of the model's shape (engine.loader)
     shutdown_grace_s: float = 90.0  # after SIGTERM: finish held jobs for this long, then hand the rest back
     fault_crash_marker: str = ""  # test only (see tokenmill.settings)
+    log_format: str = "text"  # "json": the caller configured logging; Celery must not replace it
+
+
+def default_hostname(served_model: str, device: str) -> str:
+    """A worker's Celery node name when none is given: model-device-pid@host."""
+    return f"{served_model}-{device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"
 
 
 def device_label(device: str) -> str:
@@ -63,6 +69,7 @@ def run_worker(opts: WorkerOptions) -> None:
     """Loads the engine, then runs the Celery worker until it is told to stop."""
     from celery import signals
 
+    from contract import tracing
     from contract.celery_app import QueueConfig, declare_queues, make_celery
     from contract.queues import queue_for
     from engine import Engine
@@ -71,7 +78,10 @@ def run_worker(opts: WorkerOptions) -> None:
     from workers.runtime import WorkerConfig, WorkerRuntime
     from workers.tasks import register_tasks
 
-    hostname = opts.hostname or f"{opts.served_model}-{opts.device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"
+    hostname = opts.hostname or default_hostname(opts.served_model, opts.device)
+    if opts.log_format == "json":
+        # A receiver of setup_logging tells Celery to leave logging as configured (JSON lines).
+        signals.setup_logging.connect(lambda **_: None, weak=False)
     log.info("loading %s on %s", opts.model, opts.device)
     if opts.load_format == "dummy":
         log.warning("%s runs with random weights (--load-format dummy): its outputs are noise", opts.model)
@@ -103,6 +113,7 @@ def run_worker(opts: WorkerOptions) -> None:
     finally:
         rt.stop()
         store.close()
+        tracing.flush()
     code = getattr(worker, "exitcode", 0) or 0
     if code:
         raise SystemExit(code)

@@ -16,10 +16,12 @@ from typing import Any
 
 import redis
 
-from contract.redis_keys import CANCEL_CHANNEL, STREAM_CHANNEL, WORKER_STATS_KEY, WORKER_STATS_TTL_S
+from contract.redis_keys import (CANCEL_CHANNEL, STREAM_CHANNEL, WORKER_METRICS_KEY, WORKER_STATS_KEY,
+                                 WORKER_STATS_TTL_S)
 from engine import Engine, EngineStats, RequestOutput
 from store import Store
 from workers.engine_loop import EngineLoop, GivenBack
+from workers.metrics import WorkerMetrics
 from workers.path_timings import PathTimings
 from workers.result_writer import ResultWriter
 from workers.suspects import SuspectLedger
@@ -64,6 +66,7 @@ class WorkerRuntime:
         self.store = store
         self.redis = redis.Redis.from_url(config.redis_url)
         self.timings = PathTimings()  # where the job path's time goes, published with the stats
+        self.metrics = WorkerMetrics(config.served_model)  # Prometheus, published with the stats
         self.loop = EngineLoop(engine, on_stats=self._publish_stats, on_crash=self._die,
                                fault_marker=config.fault_crash_marker, timings=self.timings)
         self.writer = ResultWriter(store, timings=self.timings)
@@ -80,6 +83,11 @@ class WorkerRuntime:
         self._cancel_thread = threading.Thread(target=self._listen_cancels, name="cancel-listener",
                                                daemon=True)
         self._stopping = False
+        # Collecting and compressing the Prometheus registry takes milliseconds: not in the engine
+        # loop's thread, which publishes the figures above.
+        self._metrics_thread = threading.Thread(target=self._publish_metrics, name="metrics-publisher",
+                                                daemon=True)
+        self._metrics_stop = threading.Event()
         self.last_figures: dict[str, Any] = {}  # the latest engine figures (read by workers.engine_events)
 
     def start(self) -> "WorkerRuntime":
@@ -87,6 +95,7 @@ class WorkerRuntime:
         self.loop.start()
         self._cancel_thread.start()
         self._publish_stats(self.loop.engine.stats(), 0.0)
+        self._metrics_thread.start()
         return self
 
     def stop(self) -> None:
@@ -96,8 +105,12 @@ class WorkerRuntime:
             self._grace_timer.cancel()
         self.loop.stop()
         self.writer.stop()
+        self._metrics_stop.set()
+        if self._metrics_thread.is_alive():
+            self._metrics_thread.join(5.0)  # its last write lands before the delete below
         try:
-            self.redis.delete(WORKER_STATS_KEY.format(hostname=self.config.hostname))
+            self.redis.delete(WORKER_STATS_KEY.format(hostname=self.config.hostname),
+                              WORKER_METRICS_KEY.format(hostname=self.config.hostname))
         except redis.RedisError:
             pass
 
@@ -178,6 +191,7 @@ class WorkerRuntime:
                   "model": self.config.served_model, "device": self.config.device_label,
                   "pending": self.loop.num_pending, **self.timings.snapshot(), "updated_at": time.time()}
         self.last_figures = fields
+        self.metrics.engine_figures(stats, tokens_per_s, self.loop.num_pending)
         try:
             pipe = self.redis.pipeline()
             pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
@@ -185,6 +199,14 @@ class WorkerRuntime:
             pipe.execute()
         except redis.RedisError as e:  # figures are best effort; generation goes on
             log.warning("could not publish engine stats: %r", e)
+
+    def _publish_metrics(self) -> None:
+        key = WORKER_METRICS_KEY.format(hostname=self.config.hostname)
+        while not self._metrics_stop.wait(1.0):
+            try:
+                self.redis.set(key, self.metrics.encode(), ex=WORKER_STATS_TTL_S)
+            except redis.RedisError as e:  # best effort, like the figures
+                log.warning("could not publish metrics: %r", e)
 
     def _listen_cancels(self) -> None:
         while not self._stopping:

@@ -21,11 +21,15 @@ from typing import Any, Callable
 from celery import Celery
 from celery.exceptions import Reject
 
+from contract import tracing
+from contract.log_context import log_fields, set_log_fields
 from contract.queues import TASK_GENERATE, TASK_GENERATE_BULK
 from contract.redis_keys import STREAM_CHANNEL
 from engine import SamplingParams
 from store.types import FinishedJob, JobClaim, JobFailure
 from workers.engine_loop import EngineCrashed, GivenBack
+from workers.job_trace import job_trace, trace_engine, trace_headers, trace_write
+from workers.metrics import JobTimes, job_times
 from workers.path_timings import timed_request_class
 from workers.result_writer import ResultRejected
 from workers.runtime import Holding, WorkerRuntime
@@ -42,23 +46,31 @@ def register_tasks(app: Celery, rt: WorkerRuntime) -> None:
 
     @app.task(name=TASK_GENERATE, bind=True, acks_late=True, Request=timed)
     def generate(self: Any, job_id: str, enqueued_at: float) -> dict[str, int]:
-        return run_jobs(rt, [job_id], enqueued_at)
+        return run_jobs(rt, [job_id], enqueued_at, trace=trace_headers(self.request))
 
     @app.task(name=TASK_GENERATE_BULK, bind=True, acks_late=True, Request=timed)
     def generate_bulk(self: Any, job_ids: list[str], enqueued_at: float) -> dict[str, int]:
         return run_jobs(rt, list(job_ids), enqueued_at)
 
 
-def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[str, int]:
+def run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float,
+             trace: dict[str, str] | None = None) -> dict[str, int]:
     """Runs the given jobs to a final state in the store. Returns counts by outcome; raises
-    `Reject(requeue=True)` when some jobs went back to the queue unfinished (the worker stops)."""
+    `Reject(requeue=True)` when some jobs went back to the queue unfinished (the worker stops).
+    ``trace``: the trace context the task carried (workers.job_trace)."""
+    with job_trace(trace, job_ids, enqueued_at, rt.config.hostname):
+        return _run_jobs(rt, job_ids, enqueued_at)
+
+
+def _run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict[str, int]:
     started = time.monotonic()
     rt.timings.add("delivery", max(0.0, time.time() - enqueued_at))
     if rt.stopping:  # received as the worker was told to stop: another worker will run it
         raise Reject("the worker is stopping: the task goes back to the queue", requeue=True)
     run = _TaskRun(rt, rt.hold(job_ids), enqueued_at)
     try:
-        run.run()
+        with log_fields(job_id=job_ids[0] if len(job_ids) == 1 else None):
+            run.run()
     finally:
         rt.release(run.holding)
         rt.timings.add("task", time.monotonic() - started)
@@ -93,19 +105,27 @@ class _TaskRun:
         "prompt_tokens": 0, "completion_tokens": 0})  # token totals: shown by Flower
     failures: list[JobFailure] = field(default_factory=list)
     writes: list[tuple[str, Future]] = field(default_factory=list)
+    claims: dict[str, JobClaim] = field(default_factory=dict)  # for the metrics of failures
+    times: dict[str, tuple[JobTimes, str]] = field(default_factory=dict)  # job -> figures, status if stored
+    handed: dict[str, float] = field(default_factory=dict)  # job -> when its result went to the writer
 
     def run(self) -> None:
         rt, mine = self.rt, self.holding.mine
         if not mine:
             return
         start = time.monotonic()
-        claims = _claim(rt, mine)
+        with tracing.child("tokenmill.claim"):
+            claims = _claim(rt, mine)
         rt.timings.add("claim", time.monotonic() - start)
         if rt.stopping and claims:  # claimed as the stop signal came: back to the queue, not started
             self.holding.given_back.update(c.id for c in claims)
             self._store()
             return
         self.counts["skipped"] = len(mine) - len(claims)  # cancelled, finished, expired or unknown
+        rt.metrics.claimed(claims)
+        if len({c.tenant_id for c in claims}) == 1:
+            set_log_fields(tenant_id=claims[0].tenant_id)
+        self.claims = {c.id: c for c in claims}
         evidence = rt.suspects.lookup([c.id for c in claims if c.attempts > 1])
         batch: list[_Job] = []
         alone: list[_Job] = []
@@ -198,6 +218,10 @@ class _TaskRun:
             token_ids=list(out.token_ids) if with_ids else None,
             logprobs=_logprobs(out.logprobs) if with_logprobs else None, expired=expired, choices=choices)
         self.writes.append((claim.id, rt.writer.submit(finished)))
+        self.times[claim.id] = (job_times(claim.model, claim.kind, self.enqueued_at, out),
+                                "expired" if expired else "succeeded")
+        trace_engine(self.times[claim.id][0])
+        self.handed[claim.id] = time.time()
         self.counts["prompt_tokens"] += out.prompt_tokens
         self.counts["completion_tokens"] += out.completion_tokens
 
@@ -206,6 +230,7 @@ class _TaskRun:
         if self.failures:
             _store_retrying(lambda: rt.store.jobs.mark_failed(self.failures))
             self.counts["failed"] += len(self.failures)
+            self._count_failed(self.failures)
         rejected: list[JobFailure] = []
         for job_id, fut in self.writes:
             try:
@@ -214,13 +239,35 @@ class _TaskRun:
                 rejected.append(JobFailure(job_id, "result_rejected", str(e)))
                 continue
             self.counts["succeeded" if stored else "duplicate"] += 1
+            if stored and job_id in self.times:
+                trace_write(self.handed[job_id])
+                rt.metrics.stored(*self.times[job_id])
+                _log_finished(job_id, self.claims.get(job_id), *self.times[job_id])
         if rejected:
             _store_retrying(lambda: rt.store.jobs.mark_failed(rejected))
             self.counts["failed"] += len(rejected)
+            self._count_failed(rejected)
         if self.holding.given_back:
             back = sorted(self.holding.given_back)
             _store_retrying(lambda: rt.store.jobs.give_back(back, rt.config.hostname))
             log.info("handed %d unfinished job(s) back to the queue", len(back))
+
+
+    def _count_failed(self, failures: list[JobFailure]) -> None:
+        for f in failures:
+            claim = self.claims.get(f.job_id)
+            if claim is not None:
+                self.rt.metrics.failed(claim.model, claim.kind, f.code)
+            with log_fields(job_id=f.job_id, tenant_id=claim.tenant_id if claim else None):
+                log.warning("job failed: %s", f.code)  # the code only: a message may quote the request
+
+
+def _log_finished(job_id: str, claim: JobClaim | None, t: JobTimes, status: str) -> None:
+    with log_fields(job_id=job_id, tenant_id=claim.tenant_id if claim else None):
+        log.info("job %s: %d prompt + %d completion tokens, %.3fs queued, %.3fs to the first token, %.3fs "
+                 "in all", status, t.prompt_tokens, t.completion_tokens, max(0.0, t.admitted_at - t.enqueued_at),
+                 max(0.0, (t.first_token_at or t.finished_at) - t.enqueued_at),
+                 max(0.0, t.finished_at - t.enqueued_at))
 
 
 def _claim(rt: WorkerRuntime, job_ids: list[str]) -> list[JobClaim]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any
@@ -31,6 +32,8 @@ from api.schemas.common import (
 from api.schemas.jobs import Job, JobCreate, JobList, JobStatus
 from api.state import ApiState, get_state
 from api.waiting import FINAL, Delta, Final, JobFollower, cancel_job
+from contract import tracing
+from contract.log_context import set_log_fields
 from store.sql import new_id
 from store.types import JobSpec
 
@@ -67,6 +70,16 @@ async def admit(state: ApiState, model: str) -> None:
         check_backpressure(state, model)
 
 
+def submit_span(request: Request, started: float, spec: JobSpec, tenant_id: str) -> Any:
+    """The root of a job's trace (under the client's own ``traceparent`` if it sent one), from the
+    request's arrival to the job stored and sent; None when this process does not trace."""
+    if not tracing.enabled():
+        return None
+    return tracing.start_span("tokenmill.submit", request.headers, kind=tracing.SpanKind.SERVER, start_s=started,
+                              attributes={"tokenmill.job_id": spec.id, "tokenmill.tenant_id": tenant_id,
+                                          "tokenmill.model": spec.model, "tokenmill.kind": spec.kind})
+
+
 def enqueue_failed(job_id: str) -> ApiError:
     """503 for a job that is stored but whose task Redis refused."""
     return ApiError(503, f"job {job_id} is stored (queued) but the queue is unavailable; it will be sent when "
@@ -77,7 +90,7 @@ def enqueue_failed(job_id: str) -> ApiError:
 @router.post("", status_code=202, response_model=Job, summary="Submit a job",
              responses=responses({200: {"model": Job, "description": "an earlier job with the same idempotency key"}},
                                  BAD, AUTH, MISSING, TOO_LARGE, MEDIA, BUSY, UNAVAILABLE))
-async def create_job(body: JobCreate, response: Response, who: Principal = Depends(tenant),
+async def create_job(body: JobCreate, request: Request, response: Response, who: Principal = Depends(tenant),
                      state: ApiState = Depends(get_state),
                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> Any:
     """Validates the job, stores it (``queued``), then sends its task: 202 with the job.
@@ -86,6 +99,7 @@ async def create_job(body: JobCreate, response: Response, who: Principal = Depen
     with the job created first.
     """
     assert who.tenant_id is not None
+    started = time.time()
     prepared = prepare_job(body, state.registry)
     await admit(state, prepared.model)
     deadline = body.deadline
@@ -95,7 +109,12 @@ async def create_job(body: JobCreate, response: Response, who: Principal = Depen
                    idempotency_key=body.idempotency_key or idempotency_key or None, expires_at=deadline,
                    id=new_id("job_"))
     received = datetime.now(UTC)
-    submitted = await state.submitter.submit(who.tenant_id, spec)
+    span = submit_span(request, started, spec, who.tenant_id)
+    try:
+        submitted = await state.submitter.submit(who.tenant_id, spec, trace=tracing.carrier(span) if span else None)
+    finally:
+        if span is not None:
+            tracing.end(span)
     if submitted.created and not submitted.enqueued:
         raise enqueue_failed(submitted.id)
     response.headers["Location"] = f"/v1/jobs/{submitted.id}"
@@ -104,7 +123,9 @@ async def create_job(body: JobCreate, response: Response, who: Principal = Depen
         if job is None:  # deleted between the write and the read: nothing sensible to show
             raise ApiError(404, f"no job {submitted.id!r}", code="job_not_found")
         return JSONResponse(await run_in_threadpool(_full_json, state, who.tenant_id, job), status_code=200)
-    state.metrics.jobs_accepted += 1
+    state.metrics.jobs_accepted.inc()
+    set_log_fields(job_id=submitted.id)
+    log.info("job accepted: model %s, %s", spec.model, spec.kind)
     # The new job as stored, without reading it back (the hot path): created_at is when the API
     # took the request, within a millisecond of the stored value; GET shows the stored one.
     # Serialized here rather than through the response model: this is the hot path, and the

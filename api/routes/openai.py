@@ -20,7 +20,7 @@ from api.auth import Principal, authenticate, tenant
 from api.convert import Prepared, prepare_chat, prepare_completion, served_model
 from api.errors import ApiError, error_body
 from api.formats import chat_completion, chunk, completion, finish_reason, openai_usage, usage_chunk
-from api.routes.jobs import admit, enqueue_failed
+from api.routes.jobs import admit, enqueue_failed, submit_span
 from api.schemas.common import (
     AUTH,
     BAD,
@@ -45,6 +45,8 @@ from api.schemas.openai import (
 )
 from api.state import ApiState, get_state
 from api.waiting import ClientGone, Delta, Final, JobFollower, cancel_job, failure_error, wait_final
+from contract import tracing
+from contract.log_context import set_log_fields
 from store.sql import new_id
 from store.types import JobSpec
 
@@ -59,18 +61,30 @@ def _sse(data: Any) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
+async def _submit(request: Request, state: ApiState, tenant_id: str, spec: JobSpec, started: float) -> Any:
+    """Stores and sends the job, traced from ``started`` when this process traces."""
+    span = submit_span(request, started, spec, tenant_id)
+    try:
+        return await state.submitter.submit(tenant_id, spec, trace=tracing.carrier(span) if span else None)
+    finally:
+        if span is not None:
+            tracing.end(span)
+
+
 async def _run(request: Request, state: ApiState, who: Principal, prepared: Prepared, *, chat: bool,
                stream: bool, include_usage: bool, priority: int, idempotency_key: str | None) -> Any:
     assert who.tenant_id is not None
+    started = time.time()
     await admit(state, prepared.model)
     job_id = new_id("job_")
     spec = JobSpec(model=prepared.model, request=prepared.payload, priority=priority, api_key_id=who.key_id,
                    idempotency_key=idempotency_key, id=job_id)
     if not stream:
-        submitted = await state.submitter.submit(who.tenant_id, spec)
+        submitted = await _submit(request, state, who.tenant_id, spec, started)
         if submitted.created and not submitted.enqueued:
             raise enqueue_failed(submitted.id)
-        state.metrics.jobs_accepted += int(submitted.created)
+        state.metrics.jobs_accepted.inc(int(submitted.created))
+        set_log_fields(job_id=submitted.id)
         try:
             job = await wait_final(state, who.tenant_id, submitted.id, state.config.sync_timeout_s,
                                    request.is_disconnected)
@@ -88,7 +102,7 @@ async def _run(request: Request, state: ApiState, who: Principal, prepared: Prep
     follower = JobFollower(state, request.app.state.aioredis, who.tenant_id, job_id)
     await follower.subscribe()
     try:
-        submitted = await state.submitter.submit(who.tenant_id, spec)
+        submitted = await _submit(request, state, who.tenant_id, spec, started)
         if submitted.id != job_id:  # an idempotency key matched an earlier job: follow that one
             await follower.close()
             follower = JobFollower(state, request.app.state.aioredis, who.tenant_id, submitted.id)
@@ -98,7 +112,8 @@ async def _run(request: Request, state: ApiState, who: Principal, prepared: Prep
     except BaseException:
         await follower.close()
         raise
-    state.metrics.jobs_accepted += int(submitted.created)
+    state.metrics.jobs_accepted.inc(int(submitted.created))
+    set_log_fields(job_id=submitted.id)
     return StreamingResponse(_chunks(state, who.tenant_id, follower, prepared.model, chat, include_usage),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",

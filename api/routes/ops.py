@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hmac
+import logging
 from typing import Any
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client.core import Metric
 from sqlalchemy import text
 
-from api.metrics import family
+from api.metrics import CONTENT_TYPE, queue_families, store_families, worker_families
 from api.schemas.common import responses
 from api.schemas.ops import Health, Readiness
 from api.state import ApiState, get_state
 
 # The health checks are open (no API key), and the schema says so (it overrides the global bearer).
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
 OPEN = {"security": []}
 
@@ -58,55 +62,32 @@ def readyz(state: ApiState = Depends(get_state)) -> Any:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-_ENGINE_GAUGES = {
-    "running": "Sequences running in the engine.",
-    "waiting": "Sequences waiting in the engine.",
-    "kv_blocks_used": "KV cache blocks in use.",
-    "kv_blocks_total": "KV cache blocks in all.",
-    "tokens_per_s": "Tokens generated per second (last second).",
-}
-
-
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, openapi_extra=OPEN,
             responses=responses({200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text exposition"}}))
-def metrics(state: ApiState = Depends(get_state)) -> PlainTextResponse:
-    """Requests (this process), jobs by status, queue depth per queue, tokens in and out per model,
-    and the workers' engine gauges. Parts whose source is down are left out."""
-    lines = state.metrics.lines()
-    resent = dict(state.reconciler.resent_total)
-    lines += family("tokenmill_api_reconciler_resent_total", "counter",
-                    "Jobs whose task Redis had lost, sent again by this API process's reconciler.",
-                    [({"status": s}, resent.get(s, 0)) for s in ("queued", "running")])
-    try:
-        counts = state.store.jobs.count_by_status()
-        lines += family("tokenmill_jobs", "gauge", "Jobs by status (all tenants).",
-                        [({"status": s}, n) for s, n in sorted(counts.items())])
-        buckets = state.store.usage.summary(None, group_by=["model"])
-        lines += family("tokenmill_tokens_total", "counter", "Tokens processed, by model and direction.",
-                        [({"model": b.model or "", "direction": "in"}, b.prompt_tokens) for b in buckets]
-                        + [({"model": b.model or "", "direction": "out"}, b.completion_tokens) for b in buckets]
-                        + [({"model": b.model or "", "direction": "cached_in"}, b.cached_prompt_tokens)
-                           for b in buckets])
-    except Exception:
-        pass
-    try:
-        depths = [state.dispatcher.depth(m, fresh=True) for m in state.registry.names()]
-        lines += family("tokenmill_queue_depth", "gauge", "Tasks waiting in each queue, by class.",
-                        [({"queue": d.queue, "class": "interactive"}, d.interactive) for d in depths]
-                        + [({"queue": d.queue, "class": "bulk"}, d.bulk) for d in depths])
-        workers = state.dispatcher.workers()
-        lines += family("tokenmill_workers", "gauge", "Live workers per model.",
-                        [({"model": m}, sum(1 for w in workers if w.get("model") == m))
-                         for m in sorted({w.get("model", "") for w in workers} | set(state.registry.names()))])
-        for name, help_text in _ENGINE_GAUGES.items():
-            samples = []
-            for w in workers:
-                try:
-                    samples.append(({"worker": w["hostname"], "model": w.get("model", "")}, float(w[name])))
-                except (KeyError, ValueError):
-                    continue
-            lines += family(f"tokenmill_engine_{name}", "gauge", help_text, samples)
-    except Exception:
-        pass
-    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+def metrics(request: Request, state: ApiState = Depends(get_state)) -> Response:
+    """Requests and accepted jobs (every API process), jobs by status, tokens per model, queue
+    depth per queue, live workers, and every worker's histograms and engine figures
+    (docs/observability.md). Tokens per tenant only with the admin key (``Authorization: Bearer``):
+    the endpoint is open, tenant ids are not. Parts whose source is down are left out."""
+    per_tenant = _is_admin(request, state.config.admin_key)
+
+    def shared() -> list[Metric]:
+        out: list[Metric] = []
+        for part, read in (("store", lambda: store_families(state.store, per_tenant=per_tenant)),
+                           ("queues", lambda: queue_families(state.dispatcher, state.registry.names())),
+                           ("workers", lambda: worker_families(state.dispatcher.redis))):
+            try:
+                out += read()
+            except Exception as e:  # noqa: BLE001 - a source that is down leaves its part out
+                log.warning("/metrics: %s figures left out (%r)", part, e)
+        return out
+
+    return Response(state.metrics.exposition(shared), media_type=CONTENT_TYPE)
+
+
+def _is_admin(request: Request, admin_key: str) -> bool:
+    # No 401 here: without the admin key (or with a wrong one) the open figures are the answer.
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return bool(admin_key) and scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                                   admin_key.encode())

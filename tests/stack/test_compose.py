@@ -4,6 +4,7 @@ secrets that must come from the environment. No Docker engine is needed."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -36,7 +37,8 @@ def test_compose_file_is_accepted_and_wires_every_service():
     assert run.returncode == 0, run.stderr
     cfg = yaml.safe_load(run.stdout)
     services = cfg["services"]
-    assert set(services) == {"redis", "postgres", "migrate", "api", "worker", "flower"}
+    # The monitoring profile's services (prometheus, grafana) run only when asked for.
+    assert set(services) - {"prometheus", "grafana"} == {"redis", "postgres", "migrate", "api", "worker", "flower"}
     redis_cmd = " ".join(services["redis"]["command"]) if isinstance(services["redis"]["command"], list) \
         else services["redis"]["command"]
     assert "--appendonly yes" in redis_cmd and "--maxmemory-policy noeviction" in redis_cmd
@@ -59,3 +61,33 @@ def test_compose_refuses_to_run_without_its_secrets():
     run = config({})
     assert run.returncode != 0
     assert "set POSTGRES_PASSWORD" in run.stderr or "set REDIS_PASSWORD" in run.stderr
+
+
+def test_monitoring_profile_scrapes_the_api_and_provisions_the_dashboard():
+    # Read as written (no Docker needed): the optional services, and every file they mount exists.
+    cfg = yaml.safe_load((REPO / "compose.yaml").read_text())
+    services = cfg["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"], name
+        for volume in services[name]["volumes"]:
+            source, target = volume.split(":")[:2]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), source
+            else:
+                assert source in cfg["volumes"], source
+    prom = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
+    job = prom["scrape_configs"][0]
+    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["api:8000"]
+    # It scrapes with the admin key (per-tenant tokens), mounted from the environment, never written here.
+    assert job["authorization"]["credentials_file"] == "/run/secrets/tokenmill_admin_key"
+    assert services["prometheus"]["secrets"] == ["tokenmill_admin_key"]
+    assert cfg["secrets"]["tokenmill_admin_key"] == {"environment": "TOKENMILL_ADMIN_KEY"}
+    datasource = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    board = json.loads((REPO / "deploy/grafana/tokenmill.json").read_text())
+    uids = {t["datasource"]["uid"] for p in board["panels"] for t in p.get("targets", [])}
+    assert uids == {datasource["datasources"][0]["uid"]}
+    provider = yaml.safe_load((REPO / "deploy/grafana/provisioning/dashboards/tokenmill.yml").read_text())
+    mounted = [v.split(":")[1] for v in services["grafana"]["volumes"] if v.startswith("./deploy/grafana/tokenmill.json")]
+    assert mounted and mounted[0].startswith(provider["providers"][0]["options"]["path"] + "/")
+    assert "TOKENMILL_ADMIN_KEY" in services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
