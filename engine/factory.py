@@ -5,6 +5,7 @@ only runs steps."""
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,11 +98,12 @@ def _start_ranks(config: EngineConfig, model_src: Any) -> "TPRanks":
     """Checks that the model splits `tensor_parallel_size` ways, then starts ranks 1..N-1."""
     from engine.tp_ranks import TPRanks
 
-    hf_config, _, _ = read_model_config(model_src, config.load_format, config.cache_dir)
+    hf_config, model_dir, _ = read_model_config(model_src, config.load_format, config.cache_dir)
     heads = hf_config.num_attention_heads
     check_tp_shape(heads, getattr(hf_config, "num_key_value_heads", None) or heads,
                    hf_config.intermediate_size, config.tensor_parallel_size)
-    return TPRanks(config, model_src)
+    # The ranks get the config as plain fields: they need not import transformers (seconds each).
+    return TPRanks(config, SimpleNamespace(**hf_config.to_dict()), model_dir)
 
 
 def with_batch_limits(config: EngineConfig) -> EngineConfig:

@@ -260,6 +260,7 @@ def load_model(
     cache_dir: Path | None = None,
     seed: int = 0,
     tp: TPGroup | None = None,
+    weights_dir: Path | None = None,
 ) -> tuple[LlamaForCausalLM, ModelInfo]:
     """Builds the model and its ModelInfo.
 
@@ -267,9 +268,11 @@ def load_model(
     dict; with `load_format="dummy"` it may also be a `dummy_config` preset name, and weights are
     random (seeded by `seed`) so no weight files are read. "auto" and "safetensors" read the
     directory's *.safetensors files, which needs a directory. With `tp`, the model is this rank's
-    shard (`engine.parallel`), and the ModelInfo is still the whole model's.
+    shard (`engine.parallel`), and the ModelInfo is still the whole model's. `weights_dir` is where
+    the weights of a `model` given as a config object are.
     """
     hf_config, model_dir, generation = read_model_config(model, load_format, cache_dir)
+    model_dir = model_dir or weights_dir
     info = model_info(hf_config, generation)  # also rejects unsupported architectures
     if load_format != "dummy" and model_dir is None:
         raise ValueError(f"load_format={load_format!r} needs a model directory; use load_format='dummy' for a config")

@@ -12,8 +12,9 @@ A rank that dies closes its sockets, so the collective in flight fails at once a
 `TensorParallelError` naming the rank and its exit code; one that hangs is given up on after the
 collective timeout. The ranks end with rank 0: they read the end of their pipe.
 
-This module is the one place where the engine starts processes (`multiprocessing`, spawn): the
-model processes of one engine, as vLLM starts its workers; nothing else of the engine does.
+This module is the one place where the engine starts processes (`multiprocessing`, from a fork
+server, else spawned): the model processes of one engine, as vLLM starts its workers; nothing else
+of the engine does.
 """
 
 from __future__ import annotations
@@ -47,10 +48,22 @@ def _step_payload(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMe
     return torch.cat(parts)
 
 
+def _process_context() -> Any:
+    """Where the ranks are started from: a fork server that imported the engine (and torch) once,
+    so a rank starts in a fraction of a second instead of importing torch again; plain spawn
+    where there is no fork server (Windows). Never a fork of this process: its threads and any
+    CUDA state must not be copied."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 class TPRanks:
     """Rank 0's handle on ranks 1..N-1: starts them, sends them commands and steps, stops them."""
 
-    def __init__(self, config: EngineConfig, model_src: Any) -> None:
+    def __init__(self, config: EngineConfig, hf_config: Any, model_dir: Path | None) -> None:
         import torch.distributed as dist
 
         self.size = config.tensor_parallel_size
@@ -62,13 +75,13 @@ class TPRanks:
         # Port 0: the store picks a free port, and the ranks are told which.
         self._store = dist.TCPStore("127.0.0.1", 0, self.size, True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
-        ctx = multiprocessing.get_context("spawn")
+        ctx = _process_context()
         self._conns: list[Any] = []
         self._procs: list[Any] = []
         for rank in range(1, self.size):
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(target=rank_main, name=f"tokenmill-tp-rank{rank}", daemon=True,
-                               args=(config, model_src, rank, self._store.port, theirs))
+                               args=(config, hf_config, model_dir, rank, self._store.port, theirs))
             proc.start()
             theirs.close()
             self._conns.append(ours)
@@ -80,6 +93,11 @@ class TPRanks:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of ranks 1..N-1."""
+        return [p.pid for p in self._procs]
 
     # -- commands ----------------------------------------------------------------------------------
     def _send_all(self, message: tuple) -> None:
@@ -201,20 +219,25 @@ def kv_cache_bytes(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for pair in kv_caches for t in pair)
 
 
-def rank_main(config: EngineConfig, model_src: Any, rank: int, port: int, conn: Any) -> None:
-    """A model process of rank `rank` >= 1: joins the group, loads its shard, then runs what rank 0
+def rank_main(config: EngineConfig, hf_config: Any, model_dir: Path | None, rank: int, port: int,
+              conn: Any) -> None:
+    """A model process of rank `rank` >= 1: joins the group, loads its shard of the model that
+    `hf_config` describes (weights from `model_dir`; None: dummy weights), then runs what rank 0
     sends until it is told to stop or rank 0 is gone."""
     try:
-        _serve(config, model_src, rank, port, conn)
+        _serve(config, hf_config, model_dir, rank, port, conn)
     except (EOFError, KeyboardInterrupt):
         pass  # rank 0 has gone: nothing left to do
     except BaseException:
         with contextlib.suppress(OSError, EOFError, ValueError):
             conn.send(("error", traceback.format_exc(limit=-3).strip().splitlines()[-1]))
         raise
+    # Nothing is left to flush, and tearing the process group down at interpreter exit waits for
+    # peers that are gone: seconds per rank for nothing.
+    os._exit(0)
 
 
-def _serve(config: EngineConfig, model_src: Any, rank: int, port: int, conn: Any) -> None:
+def _serve(config: EngineConfig, hf_config: Any, model_dir: Path | None, rank: int, port: int, conn: Any) -> None:
     from engine.kv_sizing import kv_budget_bytes
     from engine.loader import load_model
     from engine.runner import allocate_kv_caches
@@ -228,9 +251,8 @@ def _serve(config: EngineConfig, model_src: Any, rank: int, port: int, conn: Any
     torch.manual_seed(config.seed)
     conn.send(("hello", os.getpid()))
     group = connect(rank, config.tensor_parallel_size, "127.0.0.1", port, device, config.distributed_timeout_s)
-    model, info = load_model(model_src if not isinstance(model_src, Path) else str(model_src), device=device,
-                             dtype=config.dtype, load_format=config.load_format, cache_dir=config.cache_dir,
-                             seed=config.seed, tp=group)
+    model, info = load_model(hf_config, device=device, dtype=config.dtype, load_format=config.load_format,
+                             seed=config.seed, tp=group, weights_dir=model_dir)
     local: ModelInfo = group.local_info(info)
     dtype = next(model.parameters()).dtype
     conn.send(("loaded", weight_bytes(model)))

@@ -141,14 +141,18 @@ class LlamaForCausalLM(nn.Module):
         # Built on the meta device, then given real but uninitialised memory: nn.Linear's own random
         # init would cost seconds on a big model only to be overwritten by the weights.
         with torch.device("meta"):
-            self.embed_tokens = nn.Embedding(vocab_rows, config.hidden_size)
+            # Given its weight, Embedding skips its random init: on meta that init alone costs seconds
+            # of one-time imports (torch's reference decompositions).
+            self.embed_tokens = nn.Embedding(vocab_rows, config.hidden_size,
+                                             _weight=torch.empty(vocab_rows, config.hidden_size))
             self.layers = nn.ModuleList(_Layer(config, self.head_dim, tp) for _ in range(config.num_hidden_layers))
             self.norm = nn.Parameter(torch.empty(config.hidden_size))
             self.lm_head = None
             if not self.tie_word_embeddings:
                 self.lm_head = nn.Parameter(torch.empty(vocab_rows, config.hidden_size))
             self.to(dtype)  # still on meta: free, and no float32 copy is ever allocated
-        self.to_empty(device=device)
+        # to_empty's empty_like on meta tensors imports sympy (seconds); plain empty does not.
+        self._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
         self.requires_grad_(False)
         theta, scaling = _rope(config)
         # float32 whatever the model dtype: the rotary kernel casts per use, and the table stays exact
