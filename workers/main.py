@@ -39,6 +39,7 @@ class WorkerOptions:
     load_format: str = "auto"  # "dummy": random weights of the model's shape (engine.loader)
     shutdown_grace_s: float = 90.0  # after SIGTERM: finish held jobs for this long, then hand the rest back
     fault_crash_marker: str = ""  # test only (see tokenmill.settings)
+    tensor_parallel_size: int = 1  # the engine's model processes (engine.parallel)
 
 
 def device_label(device: str) -> str:
@@ -56,7 +57,8 @@ def engine_config(opts: WorkerOptions) -> "EngineConfig":
     from engine import EngineConfig
 
     return EngineConfig(model=opts.model, device=opts.device, dtype=opts.dtype, load_format=opts.load_format,
-                        max_num_seqs=opts.max_num_seqs, num_kv_blocks=opts.num_kv_blocks)
+                        max_num_seqs=opts.max_num_seqs, num_kv_blocks=opts.num_kv_blocks,
+                        tensor_parallel_size=opts.tensor_parallel_size)
 
 
 def run_worker(opts: WorkerOptions) -> None:
@@ -72,7 +74,7 @@ def run_worker(opts: WorkerOptions) -> None:
     from workers.tasks import register_tasks
 
     hostname = opts.hostname or f"{opts.served_model}-{opts.device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"
-    log.info("loading %s on %s", opts.model, opts.device)
+    log.info("loading %s on %s (tensor_parallel_size=%d)", opts.model, opts.device, opts.tensor_parallel_size)
     if opts.load_format == "dummy":
         log.warning("%s runs with random weights (--load-format dummy): its outputs are noise", opts.model)
     engine = Engine(engine_config(opts))
@@ -103,6 +105,7 @@ def run_worker(opts: WorkerOptions) -> None:
     finally:
         rt.stop()
         store.close()
+        engine.close()  # its tensor-parallel model processes, if any
     code = getattr(worker, "exitcode", 0) or 0
     if code:
         raise SystemExit(code)
