@@ -5,6 +5,7 @@ Each engine is built on the CPU (gloo) with the same number of KV blocks, so the
 like with like; weights are the parameters each rank loaded (its slices of the checkpoint).
 
     .venv/bin/python benchmarks/tp_memory.py --model DIR [--model DIR ...] --tp 1 2 4
+    .venv/bin/python benchmarks/tp_memory.py --model qwen3-0.6b --load-format dummy --dtype bfloat16
 
 `--make-tiny` first writes the test suite's tiny models (llama3, qwen2, qwen3; tests/tiny_models.py)
 into a temporary directory and measures those.
@@ -20,10 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def measure(model: str, tp: int, num_kv_blocks: int, load_format: str) -> list[dict[str, int]]:
+def measure(model: str, tp: int, num_kv_blocks: int, load_format: str, dtype: str) -> list[dict[str, int]]:
     from engine import LLM
 
-    with LLM(model, dtype="float32", tensor_parallel_size=tp, num_kv_blocks=num_kv_blocks,
+    with LLM(model, dtype=dtype, tensor_parallel_size=tp, num_kv_blocks=num_kv_blocks,
              load_format=load_format) as llm:
         return llm.engine.memory_by_rank()
 
@@ -34,7 +35,8 @@ def main() -> None:
     parser.add_argument("--make-tiny", action="store_true", help="measure the test suite's tiny models")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--num-kv-blocks", type=int, default=256)
-    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--load-format", default="auto", help="dummy: random weights (MODEL may be a shape preset)")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     models = list(args.model)
     if args.make_tiny:
@@ -52,7 +54,7 @@ def main() -> None:
     for model in models:
         base = None
         for tp in args.tp:
-            ranks = measure(model, tp, args.num_kv_blocks, args.load_format)
+            ranks = measure(model, tp, args.num_kv_blocks, args.load_format, args.dtype)
             w, kv = max(r["weights"] for r in ranks), max(r["kv_cache"] for r in ranks)
             base = base or (w, kv)
             print(f"| {Path(model).name} | {tp} | {w / 2**20:.2f} | {w / base[0]:.3f} | {kv / 2**20:.3f} | "

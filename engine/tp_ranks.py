@@ -20,6 +20,7 @@ of the engine does.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import multiprocessing
 import os
 import time
@@ -70,8 +71,6 @@ class TPRanks:
         self.device = torch.device(config.device)
         self.failed: str | None = None
         timeout = config.distributed_timeout_s
-        import datetime
-
         # Port 0: the store picks a free port, and the ranks are told which.
         self._store = dist.TCPStore("127.0.0.1", 0, self.size, True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
@@ -101,7 +100,7 @@ class TPRanks:
 
     # -- commands ----------------------------------------------------------------------------------
     def _send_all(self, message: tuple) -> None:
-        for rank, conn in enumerate(self._conns, start=1):
+        for conn in self._conns:
             try:
                 conn.send(message)
             except (OSError, EOFError) as e:
