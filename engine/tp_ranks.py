@@ -70,7 +70,7 @@ class TPRanks:
         self.size = config.tensor_parallel_size
         self.device = torch.device(config.device)
         self.failed: str | None = None
-        timeout = config.distributed_timeout_s
+        timeout = self._timeout_s = config.distributed_timeout_s
         # Port 0: the store picks a free port, and the ranks are told which.
         self._store = dist.TCPStore("127.0.0.1", 0, self.size, True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
@@ -190,6 +190,9 @@ class TPRanks:
                 return self._fail(f"tensor-parallel rank {rank} failed: {reason}")
             if not proc.is_alive():
                 return self._fail(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+        if "timed out" in str(cause).lower():
+            return self._fail(f"a tensor-parallel collective timed out after {self._timeout_s:g} s "
+                              f"(distributed_timeout_s): a rank hung ({cause})")
         return self._fail(f"a tensor-parallel collective failed: {cause}")
 
     def close(self) -> None:

@@ -96,3 +96,19 @@ def test_a_dead_rank_ends_the_engine_with_an_error_naming_it(tiny_model_dir):
             llm.engine.step()
     finally:
         llm.close()
+
+
+def test_a_hung_rank_ends_the_engine_after_the_collective_timeout(tiny_model_dir):
+    # A stopped (not dead) rank keeps its sockets open, so only the collective timeout can end the
+    # wait. Its default (300 s, room for a first step's kernel compilations on a GPU) is too long
+    # to sit through in a test; what is checked is that the timeout, whatever it is, ends it.
+    llm = LLM(str(tiny_model_dir("qwen3")), dtype="float32", tensor_parallel_size=2, distributed_timeout_s=5)
+    try:
+        prompts = make_prompts(0, 1000)[:1]
+        os.kill(llm.engine.tp.pids[0], signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match=r"collective timed out after 5 s \(distributed_timeout_s\)"):
+            llm.generate(prompts, _params()[:1])
+        assert time.monotonic() - start < 5 + 30
+    finally:
+        llm.close()
