@@ -2,7 +2,8 @@
 one process does, greedy in float32, token for token, for Llama (4 query heads per KV head, so its
 one KV head is replicated), Qwen2 (q/k/v bias) and Qwen3 (q/k norm, 2 KV heads for 4 ranks), also
 with chunked prefill and preemption forced; each rank holds 1/N of the weights and of the KV heads;
-a rank that dies ends the engine with an error naming it, in bounded time, instead of a hang."""
+a rank that dies ends the engine with an error naming it, at once, and one that hangs after the
+collective timeout, instead of a hang."""
 
 from __future__ import annotations
 
