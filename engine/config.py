@@ -47,6 +47,13 @@ class EngineConfig:
     # Launch step N+1 before reading step N's tokens, so the host's work hides behind the GPU's.
     # None: on for CUDA, off elsewhere (a CPU computes while it launches: nothing to hide).
     overlap_steps: bool | None = None
+    # Model processes, one per device, each holding 1/N of the weights and of the KV heads
+    # (engine.parallel); on CUDA rank r uses the device after the engine's by r.
+    tensor_parallel_size: int = 1
+    # A collective between tensor-parallel ranks that takes longer gives up and stops the engine:
+    # a rank that hangs cannot hang the others for ever (one that dies is noticed at once). Long
+    # enough for a first step's kernel compilations on a loaded host.
+    distributed_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -64,6 +71,10 @@ class EngineConfig:
             problems.append(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             problems.append(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size < 1:
+            problems.append(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_timeout_s <= 0:
+            problems.append(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         if problems:
             raise ValueError("; ".join(problems))
 

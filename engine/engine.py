@@ -18,6 +18,7 @@ before it. Their masks are computed while the step's forward pass runs on the de
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
 
 from engine.config import EngineConfig
@@ -55,6 +56,9 @@ class Engine:
         self.num_blocks = parts.num_blocks
         self.kv, self.scheduler, self.runner, self.sampler = parts.kv, parts.scheduler, parts.runner, parts.sampler
         self.overlap_steps = parts.overlap_steps
+        self.tp = parts.tp
+        # The model processes end with the engine, also when it is dropped without `close`.
+        self._stop_ranks = weakref.finalize(self, parts.tp.close) if parts.tp is not None else None
         self.postprocess = Postprocessor(self.eos_token_ids, self.max_model_len)
         self.guided = GuidedDecoder(self.tokenizer, self.info.vocab_size, self.eos_token_ids)
         self._readback = Readback(self.device, config.max_num_seqs)
@@ -269,6 +273,11 @@ class Engine:
             self._release(group)
         return out
 
+    def close(self) -> None:
+        """Stops the engine's model processes (tensor parallelism); a no-op for one process."""
+        if self._stop_ranks is not None:
+            self._stop_ranks()
+
     # -- monitoring --------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         """Current running/waiting counts, KV use and token totals."""
@@ -280,3 +289,11 @@ class Engine:
             prefix_cache_hit_tokens=self.kv.hits, preemptions=self.scheduler.num_preemptions,
             steps=self._steps, last_batch_size=self._last_batch, peak_batch_size=self._peak_batch)
 
+
+    def memory_by_rank(self) -> list[dict[str, int]]:
+        """Bytes of weights and of KV cache each model process holds: one entry, or one per
+        tensor-parallel rank (rank 0 first)."""
+        from engine.tp_ranks import kv_cache_bytes, weight_bytes
+
+        own = {"weights": weight_bytes(self.model), "kv_cache": kv_cache_bytes(self.runner.kv_caches)}
+        return [own] + (self.tp.memory() if self.tp is not None else [])

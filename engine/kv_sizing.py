@@ -3,6 +3,8 @@ CPU budget, and never more than every sequence at full length could use."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.config import EngineConfig, ModelInfo
@@ -46,7 +48,8 @@ def profile_kv_cache_bytes(model: torch.nn.Module, info: ModelInfo, device: torc
     hidden = model(ids, positions, caches, meta)
     logits = model.compute_logits(hidden[:min(max_num_seqs, t)])
     # The sampler's temporaries on a full batch of logits: about two more copies of them.
-    work = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+    # (Under tensor parallelism only rank 0 gets logits, and only rank 0 samples.)
+    work = torch.softmax(logits, dim=-1).cumsum(dim=-1) if logits is not None else None
     del hidden, logits, work, caches, cache, ids, positions, meta
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
@@ -62,20 +65,32 @@ def profile_kv_cache_bytes(model: torch.nn.Module, info: ModelInfo, device: torc
     return budget
 
 
+def kv_budget_bytes(config: EngineConfig, model: torch.nn.Module, info: ModelInfo, device: torch.device,
+                    max_num_batched_tokens: int, max_num_seqs: int, block_size: int) -> int:
+    """Bytes this process may give its KV pool: what is left on the card after a measured full step
+    (CUDA), or `kv_cache_memory_bytes` (default 1 GiB) on a CPU."""
+    if device.type == "cuda":
+        # What a full step needs is measured by running one, so the pool takes the rest.
+        return profile_kv_cache_bytes(model, info, device, max_num_batched_tokens, max_num_seqs,
+                                      block_size, config.gpu_memory_utilization)
+    return config.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+
+
 def num_kv_blocks(config: EngineConfig, model: torch.nn.Module, info: ModelInfo, device: torch.device,
-                  dtype: torch.dtype, max_model_len: int) -> int:
+                  dtype: torch.dtype, max_model_len: int, other_budgets: Callable[[], list[int]] | None = None) -> int:
     """The KV pool's size in blocks: `config.num_kv_blocks` if given; else what fits in the memory
-    left after a measured full step (CUDA) or in `kv_cache_memory_bytes` (default 1 GiB, CPU)."""
+    left after a measured full step (CUDA) or in `kv_cache_memory_bytes` (default 1 GiB, CPU).
+
+    `info` is this process's share of the model (its KV heads, under tensor parallelism), and
+    `other_budgets` the other ranks' budgets, read after this one is measured: every rank's pool
+    has the same number of blocks, so the smallest budget decides."""
     c = config
     if c.num_kv_blocks is not None:
         return c.num_kv_blocks
     per_block = kv_bytes_per_block(info, c.block_size, dtype)
-    if device.type == "cuda":
-        # What a full step needs is measured by running one, so the pool takes the rest.
-        budget = profile_kv_cache_bytes(model, info, device, c.max_num_batched_tokens, c.max_num_seqs,
-                                        c.block_size, c.gpu_memory_utilization)
-    else:
-        budget = c.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+    budget = kv_budget_bytes(c, model, info, device, c.max_num_batched_tokens, c.max_num_seqs, c.block_size)
+    if other_budgets is not None:
+        budget = min([budget, *other_budgets()])
     # More blocks than every sequence at full length could use is memory for nothing.
     useful = c.max_num_seqs * -(-max_model_len // c.block_size)
     return max(1, min(budget // per_block, useful))

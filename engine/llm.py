@@ -20,7 +20,8 @@ class LLM:
     `model` is a model directory or the name of a model in the cache (default
     `smollm2-135m-instruct`, put there once by `tokenmill fetch`).
     Other keyword arguments are fields of `EngineConfig`; batch limits left at None are sized from
-    the device (`engine.config.default_batch_limits`).
+    the device (`engine.config.default_batch_limits`). With `tensor_parallel_size=N` the model is
+    split over N processes (`engine.parallel`); `close()` (or a `with` block) stops them.
     """
 
     def __init__(self, model: str = "smollm2-135m-instruct", device: str = "cpu", dtype: str = "auto",
@@ -32,6 +33,16 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching, load_format=load_format, **kwargs))
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stops the engine's model processes (tensor parallelism); a no-op otherwise."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

@@ -18,6 +18,7 @@ import torch
 from contract.model_card import context_length, read_generation_config
 from engine.config import ModelInfo
 from engine.models.llama import LlamaForCausalLM
+from engine.parallel import TPGroup
 
 # Architectures (config.json "architectures") and the model_type each one has.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -177,8 +178,10 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device
     return result
 
 
-def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the directory's *.safetensors files (sharded or not), one at a time."""
+def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, Any]]:
+    """Every tensor of the directory's *.safetensors files (sharded or not), one at a time, as a lazy
+    slice (`safe_open(...).get_slice`): the reader indexes it for the part it needs, and only that
+    part is read from the file. A slice is valid until the next one is asked for."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
@@ -193,7 +196,7 @@ def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]
     for path in paths:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
 @torch.no_grad()
@@ -256,38 +259,44 @@ def load_model(
     load_format: str = "auto",
     cache_dir: Path | None = None,
     seed: int = 0,
+    tp: TPGroup | None = None,
+    weights_dir: Path | None = None,
 ) -> tuple[LlamaForCausalLM, ModelInfo]:
     """Builds the model and its ModelInfo.
 
     `model` is a model directory, the name of a model in the cache, a transformers config object or a config
     dict; with `load_format="dummy"` it may also be a `dummy_config` preset name, and weights are
     random (seeded by `seed`) so no weight files are read. "auto" and "safetensors" read the
-    directory's *.safetensors files, which needs a directory.
+    directory's *.safetensors files, which needs a directory. With `tp`, the model is this rank's
+    shard (`engine.parallel`), and the ModelInfo is still the whole model's. `weights_dir` is where
+    the weights of a `model` given as a config object are.
     """
-    if load_format not in ("auto", "safetensors", "dummy"):
-        raise ValueError(f"load_format must be auto, safetensors or dummy, got {load_format!r}")
-    model_dir: Path | None = None
-    generation: dict = {}
-    if isinstance(model, dict):
-        hf_config = _config_from_dict(model)
-    elif isinstance(model, (str, Path)):
-        if load_format == "dummy" and str(model) in DUMMY_SHAPES and not Path(model).is_dir():
-            hf_config = dummy_config(str(model))
-        else:
-            model_dir = resolve_model(model, cache_dir)
-            hf_config = load_hf_config(model_dir)
-            generation = read_generation_config(model_dir)
-    else:
-        hf_config = model
+    hf_config, model_dir, generation = read_model_config(model, load_format, cache_dir)
+    model_dir = model_dir or weights_dir
     info = model_info(hf_config, generation)  # also rejects unsupported architectures
     if load_format != "dummy" and model_dir is None:
         raise ValueError(f"load_format={load_format!r} needs a model directory; use load_format='dummy' for a config")
 
     torch_dtype = resolve_dtype(dtype, hf_config, device)
-    net = LlamaForCausalLM(hf_config, torch_dtype, device)
+    net = LlamaForCausalLM(hf_config, torch_dtype, device, tp)
     if load_format == "dummy":
         init_dummy_weights(net, seed)
     else:
         net.load_weights(iter_safetensors(model_dir))
     net.eval()
     return net, info
+
+
+def read_model_config(model: ModelSource, load_format: str = "auto",
+                      cache_dir: Path | None = None) -> tuple[Any, Path | None, dict]:
+    """(transformers config, model directory or None, generation config) of a model source."""
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"load_format must be auto, safetensors or dummy, got {load_format!r}")
+    if isinstance(model, dict):
+        return _config_from_dict(model), None, {}
+    if isinstance(model, (str, Path)):
+        if load_format == "dummy" and str(model) in DUMMY_SHAPES and not Path(model).is_dir():
+            return dummy_config(str(model)), None, {}
+        model_dir = resolve_model(model, cache_dir)
+        return load_hf_config(model_dir), model_dir, read_generation_config(model_dir)
+    return model, None, {}

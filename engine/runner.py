@@ -15,6 +15,8 @@ token is, so the device copies it in before the forward pass.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -24,6 +26,25 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.request import Request
 from engine.token_feed import TokenFeed
 from kernels import AttnMetadata
+
+if TYPE_CHECKING:
+    from engine.tp_ranks import TPRanks
+
+
+def allocate_kv_caches(info: ModelInfo, num_blocks: int, block_size: int, device: torch.device,
+                       dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A (keys, values) pool of `num_blocks` blocks per layer, [blocks, block_size, kv heads, head dim]."""
+    shape = (num_blocks, block_size, info.num_kv_heads, info.head_dim)
+    is_cuda = device.type == "cuda"
+    # The Triton kernels never read a slot before it is written, so CUDA skips the fill (a full
+    # pass over tens of GB). The CPU reference reads whole blocks and needs finite values in
+    # unwritten slots; the explicit fill also touches every page now, so generation does not
+    # pay the page faults of a fresh gigabyte later.
+    def alloc() -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t if is_cuda else t.fill_(0)
+
+    return [(alloc(), alloc()) for _ in range(info.num_layers)]
 
 
 class _StepBuffers:
@@ -58,28 +79,23 @@ class ModelRunner:
     `max_num_seqs` and `max_num_batched_tokens` size the host buffers (a step never exceeds
     them: the scheduler's caps), `max_model_len` the block tables. On CUDA, decode graphs are
     captured at construction unless `enforce_eager`.
+
+    With tensor parallelism (`tp`, rank 0's handle on the other ranks) `model` and `info` are rank
+    0's shard, and every step's flat batch is broadcast to the other ranks before the forward pass.
     """
 
     def __init__(self, model: torch.nn.Module, info: ModelInfo, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, *, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False, tp: TPRanks | None = None) -> None:
         self.model = model
         self.info = info
         self.block_size = block_size
         self.device = device
         self.num_blocks = num_blocks
-        shape = (num_blocks, block_size, info.num_kv_heads, info.head_dim)
+        self.tp = tp
         is_cuda = device.type == "cuda"
-        # The Triton kernels never read a slot before it is written, so CUDA skips the fill (a full
-        # pass over tens of GB). The CPU reference reads whole blocks and needs finite values in
-        # unwritten slots; the explicit fill also touches every page now, so generation does not
-        # pay the page faults of a fresh gigabyte later.
-        def alloc() -> torch.Tensor:
-            t = torch.empty(shape, dtype=dtype, device=device)
-            return t if is_cuda else t.fill_(0)
-
-        self.kv_caches = [(alloc(), alloc()) for _ in range(info.num_layers)]
+        self.kv_caches = allocate_kv_caches(info, num_blocks, block_size, device, dtype)
         self.max_model_len = max_model_len or info.max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = -(-self.max_model_len // block_size) + 1
@@ -91,7 +107,7 @@ class ModelRunner:
         self._turn = 0
         self._tables = BlockTables(max_num_seqs, self.max_blocks_per_seq)
         self.graphs: DecodeGraphs | None = None
-        if is_cuda and not enforce_eager:
+        if is_cuda and not enforce_eager and tp is None:
             self.graphs = DecodeGraphs(self._forward_logits, max_num_seqs, self.max_blocks_per_seq,
                                        self.max_model_len, device, logits_dtype=dtype)
             self.graphs.capture()
@@ -235,17 +251,25 @@ class ModelRunner:
                 logits = logits[torch.as_tensor(sample_rows, device=logits.device)]
             return logits
         input_ids, positions, meta = self.prepare(requests, num_tokens, feed)
+        buf = self._buffers[(self._turn - 1) % len(self._buffers)]  # the set prepare just filled
+        picked_idx = None
+        if sample_rows and len(sample_rows) != input_ids.shape[0]:
+            k = len(sample_rows)
+            buf.sample_idx[:k] = buf.query_start[1:n + 1][sample_rows] - 1
+            picked_idx = buf.sample_idx_t[:k].to(self.device, non_blocking=True)
+            self._mark_copied(buf)
+        if self.tp is not None:
+            with self.tp.guard():
+                self.tp.send_step(input_ids, positions, meta, len(sample_rows), picked_idx)
+                return self._forward(input_ids, positions, meta, sample_rows, picked_idx)
+        return self._forward(input_ids, positions, meta, sample_rows, picked_idx)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                 sample_rows: list[int], picked_idx: torch.Tensor | None) -> torch.Tensor:
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sample_rows:  # only middle chunks of prompts: the cache writes were the work
             return torch.empty((0, self.info.vocab_size), dtype=torch.float32, device=self.device)
-        buf = self._buffers[(self._turn - 1) % len(self._buffers)]  # the set prepare just filled
-        if len(sample_rows) == input_ids.shape[0]:
-            picked = hidden  # every token is a sampled last token (decodes)
-        else:
-            k = len(sample_rows)
-            buf.sample_idx[:k] = buf.query_start[1:n + 1][sample_rows] - 1
-            idx = buf.sample_idx_t[:k].to(self.device, non_blocking=True)
-            self._mark_copied(buf)
-            picked = hidden.index_select(0, idx)
+        # every token is a sampled last token (decodes), or the last token of each sampled row
+        picked = hidden if picked_idx is None else hidden.index_select(0, picked_idx)
         # On CUDA the sampler reads 16-bit logits as they are (no float32 copy of [rows, vocab]).
         return self.model.compute_logits(picked, float32=self.device.type != "cuda")

@@ -148,6 +148,9 @@ def generate_command(
     max_num_seqs: Optional[int] = typer.Option(
         None, help="Most sequences in one batch [default: from the device: 1,024 on a GPU of 70 GiB or more, else 256]."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    tensor_parallel_size: Optional[int] = typer.Option(
+        None, "--tensor-parallel-size", "-tp", min=1,
+        help="Split the model over this many GPUs (on the CPU: processes) [default: TOKENMILL_TENSOR_PARALLEL_SIZE]."),
 ) -> None:
     """Generate a completion for every line of a JSONL file, on the local engine. The model and the
     cache it is converted into come from the settings (TOKENMILL_MODEL, TOKENMILL_CACHE_DIR), as
@@ -175,12 +178,16 @@ def generate_command(
         defaults["temperature"] = temperature
     try:
         model_dir = prepare_model(model, settings.model_cache_dir)
-        engine = Engine(EngineConfig(model=str(model_dir), device=device, dtype=dtype, max_num_seqs=max_num_seqs))
+        engine = Engine(EngineConfig(model=str(model_dir), device=device, dtype=dtype, max_num_seqs=max_num_seqs,
+                                     tensor_parallel_size=tensor_parallel_size or settings.tensor_parallel_size))
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         console.print(f"[red]cannot load model {model!r}:[/red] {e}")
         raise typer.Exit(2)
     start = time.perf_counter()
-    counts = generate_file(engine, input_file, output, defaults, progress=not no_progress)
+    try:
+        counts = generate_file(engine, input_file, output, defaults, progress=not no_progress)
+    finally:
+        engine.close()
     secs = time.perf_counter() - start
     console.print(f"{counts['ok']} of {counts['lines']} lines done, {counts['errors']} errors, "
                   f"{counts['completion_tokens']} tokens in {secs:.1f}s "

@@ -17,6 +17,10 @@ def up_command(
     served_name: Optional[str] = typer.Option(None, help="Name clients use for the model [default: the model's name]."),
     device: Optional[str] = typer.Option(None, help='"cpu": one CPU worker even where GPUs are [default: one worker per visible GPU, else the CPU].'),
     gpus: Optional[int] = typer.Option(None, help="Use at most this many GPUs [default: all visible]."),
+    tensor_parallel_size: Optional[int] = typer.Option(
+        None, "--tensor-parallel-size", "-tp", min=1,
+        help="Split the model over this many GPUs per worker (one worker per group; with --device cpu: "
+             "processes) [default: TOKENMILL_TENSOR_PARALLEL_SIZE]."),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
     api_host: Optional[str] = typer.Option(None, help="API interface [default: TOKENMILL_API_HOST]."),
     api_port: Optional[int] = typer.Option(None, help="API port [default: TOKENMILL_API_PORT]."),
@@ -43,7 +47,8 @@ def up_command(
     model = model or settings.model
     opts = UpOptions(
         model=model, served_name=served_name or os.path.basename(os.path.normpath(model)),
-        device=device, gpus=gpus, dtype=dtype, api_host=api_host or settings.api_host,
+        device=device, gpus=gpus, dtype=dtype,
+        tensor_parallel_size=tensor_parallel_size or settings.tensor_parallel_size, api_host=api_host or settings.api_host,
         api_port=api_port or settings.api_port, flower=flower, flower_host=flower_host or settings.flower_host,
         flower_port=flower_port or settings.flower_port,
         # Only a Redis the user named is used; otherwise `up` runs its own (settings default to a local URL).

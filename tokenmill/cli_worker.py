@@ -25,6 +25,10 @@ def worker_command(
     concurrency: Optional[int] = typer.Option(None, help="Tasks held at once [default: TOKENMILL_WORKER_CONCURRENCY]."),
     max_num_seqs: Optional[int] = typer.Option(None, help="Sequences per engine batch [default: TOKENMILL_MAX_NUM_SEQS]."),
     num_kv_blocks: Optional[int] = typer.Option(None, help="KV cache blocks of 16 tokens; 0: sized from memory [default: TOKENMILL_NUM_KV_BLOCKS]."),
+    tensor_parallel_size: Optional[int] = typer.Option(
+        None, "--tensor-parallel-size", "-tp", min=1,
+        help="Split the model over this many GPUs (on the CPU: processes); with --gpus all, one worker per "
+             "group of this many GPUs [default: TOKENMILL_TENSOR_PARALLEL_SIZE]."),
     hostname: Optional[str] = typer.Option(None, help="Celery node name [default: model-device-pid@host]."),
     loglevel: str = typer.Option("INFO", help="Log level."),
 ) -> None:
@@ -37,6 +41,7 @@ def worker_command(
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     model = model or settings.model
     served = served_name or os.path.basename(os.path.normpath(model))
+    tp = tensor_parallel_size or settings.tensor_parallel_size
     if settings.log_format != "json":  # JSON: configured below, once the worker's name is known
         logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if gpus is not None:
@@ -49,27 +54,36 @@ def worker_command(
             from tokenmill.log_format import configure_logging
 
             configure_logging("json", loglevel)
+        from tokenmill.gpus import gpu_groups
 
         ids = visible_gpu_ids()
         if not ids:
             typer.echo("no GPU is visible (nvidia-smi finds none); run with --device cpu", err=True)
             raise typer.Exit(2)
+        try:
+            groups = gpu_groups(ids, tp)
+        except ValueError as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(2)
         base = [sys.executable, "-m", "tokenmill.cli", "worker", "--model", model, "--served-name", served,
-                "--dtype", dtype, "--load-format", load_format, "--loglevel", loglevel]
+                "--dtype", dtype, "--load-format", load_format, "--loglevel", loglevel,
+                "--tensor-parallel-size", str(tp)]
         for flag, value in (("--concurrency", concurrency), ("--max-num-seqs", max_num_seqs),
                             ("--num-kv-blocks", num_kv_blocks)):
             if value is not None:
                 base += [flag, str(value)]
-        raise typer.Exit(supervise([base + ["--gpu", "0", "--device", "cuda"] for _ in ids],
-                                   [{"CUDA_VISIBLE_DEVICES": d} for d in ids]))
+        # One worker per group: it sees its group's GPUs as cuda:0..N-1, one per rank.
+        raise typer.Exit(supervise([base + ["--device", "cuda"] for _ in groups],
+                                   [{"CUDA_VISIBLE_DEVICES": ",".join(g)} for g in groups]))
     if gpu is not None:
-        # Pinning must happen before torch is imported (by the engine, below).
+        # Pinning must happen before torch is imported (by the engine, below). Under tensor
+        # parallelism the worker takes GPUs gpu..gpu+N-1.
         if os.environ.get("CUDA_VISIBLE_DEVICES") is None or "," in os.environ["CUDA_VISIBLE_DEVICES"]:
-            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu + i) for i in range(tp))
         device = device or "cuda"
     device = device or "cpu"
     if device.startswith("cuda") and device != "cuda":
-        device = "cuda"  # the pinned GPU is always index 0 inside the process
+        device = "cuda"  # the pinned GPU is always index 0 inside the process (rank r: index r)
 
     from workers.main import default_hostname  # torch-free: the engine loads later
 
@@ -105,7 +119,7 @@ def worker_command(
         loglevel=loglevel.upper(), hostname=hostname,
         num_kv_blocks=(settings.num_kv_blocks if num_kv_blocks is None else num_kv_blocks) or None,
         shutdown_grace_s=settings.shutdown_grace_s, fault_crash_marker=settings.fault_crash_marker,
-        log_format=settings.log_format))
+        log_format=settings.log_format, tensor_parallel_size=tp))
 
 
 def _dummy_shape(name: str) -> str:

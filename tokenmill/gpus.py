@@ -21,3 +21,14 @@ def visible_gpu_ids() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [str(i) for i in range(sum(1 for line in out.splitlines() if line.startswith("GPU ")))]
+
+
+def gpu_groups(ids: list[str], size: int) -> list[list[str]]:
+    """The GPUs in groups of `size`, one tensor-parallel worker each, in order; GPUs left over
+    after the last whole group get no worker. ValueError when there are fewer than `size`."""
+    if size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {size}")
+    if len(ids) < size:
+        raise ValueError(f"--tensor-parallel-size {size} needs {size} GPUs per worker, but "
+                         f"{len(ids)} {'is' if len(ids) == 1 else 'are'} visible ({','.join(ids) or 'none'})")
+    return [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)]

@@ -33,6 +33,7 @@ class Settings:
     visibility_timeout_s: int = 3600  # a lost worker's tasks return to the queue after this
     shutdown_grace_s: float = 90.0  # after SIGTERM: time to finish held jobs before handing the rest back
     num_kv_blocks: int = 0  # KV cache blocks of a worker's engine; 0: sized from memory
+    tensor_parallel_size: int = 1  # processes (GPUs) one worker's model is split over
     # Test only: a worker whose engine is given a prompt containing this text crashes (as on a
     # CUDA error). Empty (the default): off.
     fault_crash_marker: str = ""

@@ -27,7 +27,7 @@ from typing import Any
 
 from tokenmill.command import tokenmill_command
 from tokenmill.data_lock import DataDirInUse, DataDirLock
-from tokenmill.gpus import visible_gpu_ids
+from tokenmill.gpus import gpu_groups, visible_gpu_ids
 from tokenmill.redis_embedded import RedisUnavailable, embedded_redis, port_is_free
 from tokenmill.settings import Settings
 from tokenmill.supervisor import ChildSpec, Supervisor
@@ -45,7 +45,8 @@ class UpOptions:
     model: str
     served_name: str
     device: str | None = None  # "cpu": one CPU worker even where GPUs are; None: GPUs if any
-    gpus: int | None = None  # GPU workers to run (None: one per visible GPU)
+    gpus: int | None = None  # GPUs to use (None: every visible one)
+    tensor_parallel_size: int = 1  # GPUs (CPU: processes) per worker; one worker per group of GPUs
     dtype: str = "auto"
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -174,6 +175,12 @@ class Stack:
         if taken:
             raise StartupError("port taken: " + "; ".join(taken) + ". Another program listens there: stop it, "
                                "or choose a free port with the option or variable named.")
+        ids = gpu_ids(o)
+        if ids:
+            try:
+                gpu_groups(ids, o.tensor_parallel_size)
+            except ValueError as exc:
+                raise StartupError(f"{exc}: lower --tensor-parallel-size, or run on the CPU with --device cpu") from None
         self._check_database()
         self._check_redis()
         self.model_dir = self._prepare_model()
@@ -292,9 +299,12 @@ class Stack:
 
         host = socket.gethostname()
         ids = gpu_ids(o)
-        plans = ([(f"worker-gpu{g}", f"{o.served_name}-gpu{g}@{host}", ["--gpu", "0", "--device", "cuda"],
-                   {"CUDA_VISIBLE_DEVICES": g}) for g in ids]
-                 or [("worker-cpu", f"{o.served_name}-cpu@{host}", ["--device", "cpu"], {"CUDA_VISIBLE_DEVICES": ""})])
+        tp = ["--tensor-parallel-size", str(o.tensor_parallel_size)]
+        # One worker per group of tensor_parallel_size GPUs, seeing its group as cuda:0..N-1.
+        plans = ([(f"worker-gpu{'-'.join(g)}", f"{o.served_name}-gpu{'-'.join(g)}@{host}", ["--device", "cuda"] + tp,
+                   {"CUDA_VISIBLE_DEVICES": ",".join(g)}) for g in gpu_groups(ids, o.tensor_parallel_size)]
+                 if ids else
+                 [("worker-cpu", f"{o.served_name}-cpu@{host}", ["--device", "cpu"] + tp, {"CUDA_VISIBLE_DEVICES": ""})])
         for name, hostname, flags, env in plans:
             argv = py + ["worker", "--model", self.model_dir, "--served-name", o.served_name, "--hostname", hostname,
                          "--dtype", o.dtype] + flags

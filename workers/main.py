@@ -40,6 +40,7 @@ class WorkerOptions:
     shutdown_grace_s: float = 90.0  # after SIGTERM: finish held jobs for this long, then hand the rest back
     fault_crash_marker: str = ""  # test only (see tokenmill.settings)
     log_format: str = "text"  # "json": the caller configured logging; Celery must not replace it
+    tensor_parallel_size: int = 1  # the engine's model processes (engine.parallel)
 
 
 def default_hostname(served_model: str, device: str) -> str:
@@ -62,7 +63,8 @@ def engine_config(opts: WorkerOptions) -> "EngineConfig":
     from engine import EngineConfig
 
     return EngineConfig(model=opts.model, device=opts.device, dtype=opts.dtype, load_format=opts.load_format,
-                        max_num_seqs=opts.max_num_seqs, num_kv_blocks=opts.num_kv_blocks)
+                        max_num_seqs=opts.max_num_seqs, num_kv_blocks=opts.num_kv_blocks,
+                        tensor_parallel_size=opts.tensor_parallel_size)
 
 
 def run_worker(opts: WorkerOptions) -> None:
@@ -82,7 +84,7 @@ def run_worker(opts: WorkerOptions) -> None:
     if opts.log_format == "json":
         # A receiver of setup_logging tells Celery to leave logging as configured (JSON lines).
         signals.setup_logging.connect(lambda **_: None, weak=False)
-    log.info("loading %s on %s", opts.model, opts.device)
+    log.info("loading %s on %s (tensor_parallel_size=%d)", opts.model, opts.device, opts.tensor_parallel_size)
     if opts.load_format == "dummy":
         log.warning("%s runs with random weights (--load-format dummy): its outputs are noise", opts.model)
     engine = Engine(engine_config(opts))
@@ -113,7 +115,6 @@ def run_worker(opts: WorkerOptions) -> None:
     finally:
         rt.stop()
         store.close()
-        tracing.flush()
     code = getattr(worker, "exitcode", 0) or 0
     if code:
         raise SystemExit(code)

@@ -172,3 +172,25 @@ def test_a_second_up_on_the_same_data_directory_is_refused_and_the_first_stays_s
     assert first.proc.wait(60) == 0
     assert not state_file.exists()
     _no_traceback(first.log() + third.log() + run.stderr)
+
+
+def test_up_runs_a_tensor_parallel_cpu_worker_that_serves_a_job(up_factory, tiny_model_dir):
+    # The built-in model (9 heads) does not split 2 ways; a tiny Qwen3 (4 heads, 2 KV heads) does.
+    from engine import LLM, SamplingParams
+
+    model = tiny_model_dir("qwen3")
+    stack = up_factory(args=["--no-flower", "--device", "cpu", "--tensor-parallel-size", "2", "--model", str(model),
+                             "--served-name", "smollm2-135m-instruct"]).start()
+    stack.wait_ready()
+    with stack.client() as api:
+        job_id = submit(api, "What is the capital of France?", max_tokens=8, ignore_eos=True)
+        job = wait_final(api, [job_id], timeout_s=120)[job_id]
+    assert job["status"] == "succeeded", job
+    # The split worker answers exactly what one process does (greedy).
+    with LLM(str(model)) as llm:
+        alone = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                         SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert job["result"]["output_text"] == alone.text
+    assert job["usage"]["completion_tokens"] == 8
+    assert "tensor_parallel_size=2" in (stack.data_dir / "logs" / "worker-cpu.log").read_text()
+    assert stack.interrupt() == 0, stack.log()

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 # A stand-in worker: records its pin and pid, dies the first time, then waits for SIGTERM.
@@ -63,16 +65,21 @@ def test_supervisor_pins_one_process_per_gpu_restarts_the_dead_and_passes_sigter
         assert pids[(g, "start")] != pids[(g, "restart")] == pids[(g, "term")]
 
 
-def test_worker_gpus_all_pins_each_child_and_keeps_torch_out_of_the_parent(tmp_path, redis_url):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5", "TOKENMILL_REDIS_URL": redis_url,
+@pytest.mark.parametrize(("visible", "tp", "pins"), [
+    ("3,5", 1, {"3", "5"}),
+    # one worker per group of 2 GPUs; the fifth GPU makes no whole group and gets no worker
+    ("3,5,6,7,9", 2, {"3,5", "6,7"}),
+])
+def test_worker_gpus_all_pins_each_child_and_keeps_torch_out_of_the_parent(tmp_path, redis_url, visible, tp, pins):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible, "TOKENMILL_REDIS_URL": redis_url,
            "TOKENMILL_DATABASE_URL": f"sqlite:///{tmp_path}/store.db"}
     parent = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "worker", "--gpus", "all",
-                               "--model", "smollm2-135m-instruct"], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--tensor-parallel-size", str(tp), "--model", "smollm2-135m-instruct"],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen: dict[int, str] = {}
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(set(seen.values())) < 2:
+        while time.monotonic() < deadline and len(set(seen.values())) < len(pins):
             parent_cmdline = _cmdline(parent.pid)
             for child in _children(parent.pid):
                 # Between fork and exec a child still shows the parent's command line and
@@ -90,8 +97,16 @@ def test_worker_gpus_all_pins_each_child_and_keeps_torch_out_of_the_parent(tmp_p
             parent.wait(60)
         except subprocess.TimeoutExpired:
             parent.kill()
-    assert set(seen.values()) == {"3", "5"}, seen
+    assert set(seen.values()) == pins, seen
     assert "libtorch" not in maps, "the supervising parent loaded torch"
+
+
+def test_worker_gpus_all_with_fewer_gpus_than_one_tensor_parallel_group_says_so():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"}
+    out = subprocess.run([sys.executable, "-m", "tokenmill.cli", "worker", "--gpus", "all", "--tensor-parallel-size", "4"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "--tensor-parallel-size 4 needs 4 GPUs per worker, but 2 are visible (3,5)" in out.stderr
 
 
 def test_worker_gpus_all_without_a_visible_gpu_says_so():
