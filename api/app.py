@@ -14,11 +14,13 @@ from api.auth import KeyCache
 from api.batch_runner import BatchRunner
 from api.config import ApiConfig
 from api.errors import install_error_handlers
+from api.limits import Limiter
 from api.metrics import RequestMetrics
 from api.middleware import RequestGuard
 from api.queue import Dispatcher
 from api.reconciler import Reconciler
 from api.registry import ModelRegistry
+from api.settler import Settler
 from api.routes import admin, batches, files, jobs, openai, ops, usage
 from api.state import ApiState
 from api.submit import Submitter
@@ -40,11 +42,14 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
     dispatcher = Dispatcher(config.redis_url, visibility_timeout_s=config.visibility_timeout_s)
     registry = ModelRegistry(config.models)
     metrics = RequestMetrics()
+    limiter = Limiter(dispatcher.redis, the_store, budget_status=config.budget_status)
     state = ApiState(config=config, store=the_store, dispatcher=dispatcher, registry=registry,
                      submitter=Submitter(the_store, dispatcher),
-                     batches=BatchRunner(config, the_store, dispatcher, registry),
+                     batches=BatchRunner(config, the_store, dispatcher, registry, limiter),
                      reconciler=Reconciler(the_store, dispatcher, interval_s=config.reconcile_interval_s,
                                            min_age_s=config.reconcile_min_age_s),
+                     limiter=limiter,
+                     settler=Settler(the_store, dispatcher, limiter, interval_s=config.settle_interval_s),
                      metrics=metrics)
 
     @asynccontextmanager
@@ -53,11 +58,13 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
         state.submitter.start()
         state.batches.start()
         state.reconciler.start()
+        state.settler.start()
         try:
             yield
         finally:
             await state.submitter.stop()
             state.reconciler.stop()
+            state.settler.stop()
             state.batches.stop()
             await app.state.aioredis.aclose()
             dispatcher.close()

@@ -29,3 +29,5 @@ class ApiConfig:
     run_batch_loop: bool = True
     reconcile_interval_s: float = 10.0  # how often the reconciler looks for jobs Redis lost (<= 0: never)
     reconcile_min_age_s: float = 30.0  # how long a job waits or runs before the reconciler looks for it
+    budget_status: int = 429  # the status of a request refused by a token budget (429 or 402)
+    settle_interval_s: float = 1.0  # how often finished jobs' token reservations are settled (<= 0: never)

@@ -10,10 +10,12 @@ from fastapi import Request
 
 from api.batch_runner import BatchRunner
 from api.config import ApiConfig
+from api.limits import Limiter
 from api.metrics import RequestMetrics
 from api.queue import Dispatcher
 from api.reconciler import Reconciler
 from api.registry import ModelRegistry
+from api.settler import Settler
 from api.submit import Submitter
 from store import Store
 
@@ -29,6 +31,8 @@ class ApiState:
     submitter: Submitter
     batches: BatchRunner
     reconciler: Reconciler
+    limiter: Limiter
+    settler: Settler
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
 

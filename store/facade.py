@@ -10,6 +10,7 @@ from store.db import Database
 from store.files import FileStore
 from store.jobs import JobStore
 from store.keys import KeyStore
+from store.limits import LimitStore
 from store.models import Base
 from store.usage import UsageStore
 
@@ -19,6 +20,8 @@ class Store:
 
     - ``keys``: tenants and API keys (:class:`store.keys.KeyStore`)
     - ``jobs``: jobs, results, worker claims and bulk finishing (:class:`store.jobs.JobStore`)
+    - ``limits``: limits and retention of tenants and keys, and the sums they are checked against
+      (:class:`store.limits.LimitStore`)
     - ``usage``: token accounting aggregates (:class:`store.usage.UsageStore`)
     - ``files``: streamed file content (:class:`store.files.FileStore`)
     - ``batches``: batch lifecycle, ingestion and counts (:class:`store.batches.BatchStore`)
@@ -32,6 +35,7 @@ class Store:
         self.keys = KeyStore(db)
         self.jobs = JobStore(db)
         self.usage = UsageStore(db)
+        self.limits = LimitStore(db)
         self.files = FileStore(db)
         self.batches = BatchStore(db, self.files)
 

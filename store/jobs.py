@@ -52,6 +52,7 @@ def _job_row(tenant_id: str, spec: JobSpec, now: datetime) -> dict[str, Any]:
         "idempotency_key": spec.idempotency_key,
         "batch_id": spec.batch_id,
         "custom_id": spec.custom_id,
+        "reserved_tokens": spec.reserved_tokens,
         "created_at": now,
         "expires_at": spec.expires_at,
         "started_at": None,

@@ -104,6 +104,11 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime]
+    # Rate, queue and budget limits ({"requests_per_minute": ..., ...}; None or a missing field:
+    # no limit). Validated by the API's Limits schema before they are stored.
+    limits: Mapped[dict[str, Any] | None]
+    # Finished jobs, results, files and batches older than this are purged (None: the default).
+    retention_days: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -118,6 +123,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+    # Limits of this key alone, on top of its tenant's (same shape as Tenant.limits).
+    limits: Mapped[dict[str, Any] | None]
 
 
 class File(Base):
@@ -199,6 +206,8 @@ class Job(Base):
         UniqueConstraint("batch_id", "custom_id"),
         Index(None, "tenant_id", "created_at", "id"),
         Index(None, "tenant_id", "status", "created_at"),
+        # Jobs finished lately (settling their token reservations) or long ago (retention).
+        Index(None, "finished_at"),
         # Jobs by batch use the (batch_id, custom_id) unique index: one index less to maintain on
         # every status change of the hot path.
     )
@@ -218,6 +227,9 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     custom_id: Mapped[str | None] = mapped_column(String(200))
+    # Tokens (prompt + max_tokens) held against the tenant's limits while the job is open; settled
+    # against its usage once it finishes. None: no limit applied when it was submitted.
+    reserved_tokens: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
@@ -269,3 +281,25 @@ class Usage(Base):
     created_at: Mapped[datetime]
     day: Mapped[date]
     hour: Mapped[int] = mapped_column(SmallInteger)
+
+
+class UsageHourly(Base):
+    """Usage of purged jobs, summed per tenant, key, model and UTC hour (retention keeps the
+    accounting: a purge moves per-job ``usage`` rows here, so totals never change).
+
+    Several rows may hold the same hour (one per purge pass); readers sum them.
+    """
+
+    __tablename__ = "usage_hourly"
+    __table_args__ = (Index(None, "tenant_id", "day"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    model: Mapped[str] = mapped_column(String(200))
+    day: Mapped[date]
+    hour: Mapped[int] = mapped_column(SmallInteger)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    cached_prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)

@@ -30,6 +30,19 @@ class JobSpec:
     expires_at: datetime | None = None
     id: str | None = None
     error: tuple[str, str] | None = None
+    reserved_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A finished job whose token reservation is to be settled: what it held and what it spent
+    (prompt plus completion tokens of its usage row; 0 when it produced no output)."""
+
+    job_id: str
+    tenant_id: str
+    reserved_tokens: int
+    spent_tokens: int
+    finished_at: datetime
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ def api_config(settings: Settings):  # type: ignore[no-untyped-def]
         max_file_bytes=settings.max_file_bytes, batch_max_lines=settings.batch_max_lines,
         default_max_tokens=settings.default_max_tokens, sync_timeout_s=settings.sync_timeout_s,
         visibility_timeout_s=settings.visibility_timeout_s, reconcile_interval_s=settings.reconcile_interval_s,
-        reconcile_min_age_s=settings.reconcile_min_age_s,
+        reconcile_min_age_s=settings.reconcile_min_age_s, budget_status=settings.budget_status,
+        settle_interval_s=settings.settle_interval_s,
     )
 
 

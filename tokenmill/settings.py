@@ -47,6 +47,10 @@ class Settings:
     sync_timeout_s: float = 600.0  # how long a synchronous completion waits for its job
     reconcile_interval_s: float = 10.0  # how often the API looks for jobs whose task Redis lost (<= 0: never)
     reconcile_min_age_s: float = 30.0  # how long a job waits or runs before it is looked for in Redis
+    # tenancy (docs/tenancy.md)
+    budget_status: int = 429  # HTTP status of a request refused by a token budget: 429 or 402
+    retention_days: int = 30  # finished jobs, results, files and batches older than this are purged
+    settle_interval_s: float = 1.0  # how often finished jobs' token reservations are settled (<= 0: never)
     # Flower (`tokenmill flower`, and inside `tokenmill up`)
     flower_host: str = "127.0.0.1"
     flower_port: int = 5555

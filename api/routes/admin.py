@@ -9,7 +9,17 @@ from fastapi import APIRouter, Depends, Request
 from api.auth import KeyCache, Principal, admin, announce_revocation
 from api.errors import ApiError
 from api.schemas.admin import ApiKey as ApiKeyModel
-from api.schemas.admin import ApiKeyList, CreatedApiKey, KeyCreate, Tenant, TenantCreate, TenantList, TenantRevoked
+from api.schemas.admin import (
+    ApiKeyList,
+    CreatedApiKey,
+    KeyCreate,
+    Limits,
+    Tenant,
+    TenantCreate,
+    TenantList,
+    TenantRevoked,
+    TenantSettings,
+)
 from api.schemas.common import AUTH, BAD, CONFLICT, FORBIDDEN, MEDIA, MISSING, TOO_LARGE, responses
 from api.state import ApiState, get_state
 from store.errors import Conflict, NotFound
@@ -19,12 +29,13 @@ _COMMON = (AUTH, FORBIDDEN)
 
 
 def _tenant(t: Any) -> dict[str, Any]:
-    return {"id": t.id, "object": "tenant", "name": t.name, "created_at": t.created_at}
+    return {"id": t.id, "object": "tenant", "name": t.name, "created_at": t.created_at, "limits": t.limits or {},
+            "retention_days": t.retention_days}
 
 
 def _key(k: Any) -> dict[str, Any]:
     return {"id": k.id, "object": "api_key", "tenant_id": k.tenant_id, "name": k.name, "prefix": k.prefix,
-            "created_at": k.created_at, "revoked_at": k.revoked_at}
+            "created_at": k.created_at, "revoked_at": k.revoked_at, "limits": k.limits or {}}
 
 
 def _require_tenant(state: ApiState, tenant_id: str) -> Any:
@@ -99,3 +110,55 @@ def revoke_key(tenant_id: str, key_id: str, request: Request, _: Principal = Dep
     cache.forget_key(key_id)
     announce_revocation(state.dispatcher.redis)
     return _key(key)
+
+
+def _limits_changed(request: Request, state: ApiState, tenant_id: str) -> None:
+    """Cached keys carry their limits: every API process reads them again (as after a revocation)."""
+    cache: KeyCache = request.app.state.key_cache
+    cache.forget_tenant(tenant_id)
+    announce_revocation(state.dispatcher.redis)
+
+
+@router.get("/tenants/{tenant_id}", response_model=Tenant, summary="Read a tenant",
+            responses=responses(*_COMMON, MISSING))
+def get_tenant(tenant_id: str, _: Principal = Depends(admin), state: ApiState = Depends(get_state)) -> Any:
+    """The tenant, with its limits and retention."""
+    return _tenant(_require_tenant(state, tenant_id))
+
+
+@router.patch("/tenants/{tenant_id}", response_model=Tenant, summary="Change a tenant's settings",
+              responses=responses(BAD, *_COMMON, MISSING, TOO_LARGE, MEDIA))
+def update_tenant(tenant_id: str, body: TenantSettings, _: Principal = Depends(admin),
+                  state: ApiState = Depends(get_state)) -> Any:
+    """Sets the tenant's retention (``retention_days``; null: the operator's default)."""
+    try:
+        return _tenant(state.store.limits.set_retention(tenant_id, body.retention_days))
+    except NotFound:
+        raise ApiError(404, f"no tenant {tenant_id!r}", code="tenant_not_found") from None
+
+
+@router.put("/tenants/{tenant_id}/limits", response_model=Tenant, summary="Set a tenant's limits",
+            responses=responses(BAD, *_COMMON, MISSING, TOO_LARGE, MEDIA))
+def set_tenant_limits(tenant_id: str, body: Limits, request: Request, _: Principal = Depends(admin),
+                      state: ApiState = Depends(get_state)) -> Any:
+    """Replaces the tenant's limits (a field left out: no limit); every API process applies them at
+    once."""
+    try:
+        t = state.store.limits.set_tenant_limits(tenant_id, body.stored())
+    except NotFound:
+        raise ApiError(404, f"no tenant {tenant_id!r}", code="tenant_not_found") from None
+    _limits_changed(request, state, tenant_id)
+    return _tenant(t)
+
+
+@router.put("/tenants/{tenant_id}/keys/{key_id}/limits", response_model=ApiKeyModel, summary="Set a key's limits",
+            responses=responses(BAD, *_COMMON, MISSING, TOO_LARGE, MEDIA))
+def set_key_limits(tenant_id: str, key_id: str, body: Limits, request: Request, _: Principal = Depends(admin),
+                   state: ApiState = Depends(get_state)) -> Any:
+    """Replaces one key's own limits, which apply on top of its tenant's."""
+    try:
+        k = state.store.limits.set_key_limits(tenant_id, key_id, body.stored())
+    except NotFound:
+        raise ApiError(404, f"no key {key_id!r} for tenant {tenant_id!r}", code="key_not_found") from None
+    _limits_changed(request, state, tenant_id)
+    return _key(k)

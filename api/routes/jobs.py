@@ -13,9 +13,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.auth import Principal, tenant
-from api.convert import prepare_job
+from api.convert import Prepared, prepare_job
 from api.errors import ApiError
 from api.formats import job_full, job_summary
+from api.limits import Admission, reservation, scopes_of
 from api.schemas.common import (
     AUTH,
     BAD,
@@ -30,6 +31,7 @@ from api.schemas.common import (
 )
 from api.schemas.jobs import Job, JobCreate, JobList, JobStatus
 from api.state import ApiState, get_state
+from api.submit import Submitted
 from api.waiting import FINAL, Delta, Final, JobFollower, cancel_job
 from store.sql import new_id
 from store.types import JobSpec
@@ -67,6 +69,30 @@ async def admit(state: ApiState, model: str) -> None:
         check_backpressure(state, model)
 
 
+async def reserve(state: ApiState, who: Principal, job_id: str, prepared: Prepared) -> Admission:
+    """Counts a request against its tenant's and key's limits (api.limits), or raises their 429."""
+    assert who.tenant_id is not None
+    scopes = scopes_of(who.tenant_id, who.key_id, who.tenant_limits, who.key_limits)
+    if not scopes:
+        return Admission(None)
+    tokens = reservation(prepared.payload, prepared.prompt_tokens, prepared.max_tokens)
+    return await run_in_threadpool(state.limiter.admit, scopes, [(job_id, tokens)])
+
+
+async def submit_reserved(state: ApiState, tenant_id: str, spec: JobSpec, admission: Admission) -> Submitted:
+    """Submits a job whose reservation is made; the reservation is given back if no new job was
+    stored (an idempotency key matched an earlier job, or the store failed)."""
+    try:
+        submitted = await state.submitter.submit(tenant_id, spec)
+    except BaseException:
+        if admission.reserved_tokens is not None:
+            await run_in_threadpool(state.limiter.release, [spec.id])
+        raise
+    if not submitted.created and admission.reserved_tokens is not None:
+        await run_in_threadpool(state.limiter.release, [spec.id])
+    return submitted
+
+
 def enqueue_failed(job_id: str) -> ApiError:
     """503 for a job that is stored but whose task Redis refused."""
     return ApiError(503, f"job {job_id} is stored (queued) but the queue is unavailable; it will be sent when "
@@ -91,11 +117,14 @@ async def create_job(body: JobCreate, response: Response, who: Principal = Depen
     deadline = body.deadline
     if body.timeout_s is not None:
         deadline = datetime.now(UTC) + timedelta(seconds=body.timeout_s)
+    job_id = new_id("job_")
+    admission = await reserve(state, who, job_id, prepared)
+    response.headers.update(admission.headers)
     spec = JobSpec(model=prepared.model, request=prepared.payload, priority=body.priority, api_key_id=who.key_id,
                    idempotency_key=body.idempotency_key or idempotency_key or None, expires_at=deadline,
-                   id=new_id("job_"))
+                   id=job_id, reserved_tokens=admission.reserved_tokens)
     received = datetime.now(UTC)
-    submitted = await state.submitter.submit(who.tenant_id, spec)
+    submitted = await submit_reserved(state, who.tenant_id, spec, admission)
     if submitted.created and not submitted.enqueued:
         raise enqueue_failed(submitted.id)
     response.headers["Location"] = f"/v1/jobs/{submitted.id}"
@@ -103,7 +132,8 @@ async def create_job(body: JobCreate, response: Response, who: Principal = Depen
         job = await run_in_threadpool(state.store.jobs.get_job, who.tenant_id, submitted.id)
         if job is None:  # deleted between the write and the read: nothing sensible to show
             raise ApiError(404, f"no job {submitted.id!r}", code="job_not_found")
-        return JSONResponse(await run_in_threadpool(_full_json, state, who.tenant_id, job), status_code=200)
+        return JSONResponse(await run_in_threadpool(_full_json, state, who.tenant_id, job), status_code=200,
+                            headers=admission.headers)
     state.metrics.jobs_accepted += 1
     # The new job as stored, without reading it back (the hot path): created_at is when the API
     # took the request, within a millisecond of the stored value; GET shows the stored one.
@@ -115,7 +145,7 @@ async def create_job(body: JobCreate, response: Response, who: Principal = Depen
             "batch_id": None, "custom_id": None, "idempotency_key": spec.idempotency_key, "error": None,
             "request": spec.request, "result": None, "usage": None, "timings": None}
     return Response(json.dumps(body, separators=(",", ":")), status_code=202, media_type="application/json",
-                    headers={"Location": f"/v1/jobs/{submitted.id}"})
+                    headers={"Location": f"/v1/jobs/{submitted.id}", **admission.headers})
 
 
 def _full_json(state: ApiState, tenant_id: str, job: Any) -> Any:
