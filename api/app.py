@@ -20,6 +20,7 @@ from api.middleware import RequestGuard
 from api.queue import Dispatcher
 from api.reconciler import Reconciler
 from api.registry import ModelRegistry
+from api.purger import Purger
 from api.settler import Settler
 from api.routes import admin, batches, files, jobs, openai, ops, usage
 from api.state import ApiState
@@ -50,6 +51,8 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
                                            min_age_s=config.reconcile_min_age_s),
                      limiter=limiter,
                      settler=Settler(the_store, dispatcher, limiter, interval_s=config.settle_interval_s),
+                     purger=Purger(the_store, dispatcher, default_days=config.retention_days,
+                                   interval_s=config.purge_interval_s),
                      metrics=metrics)
 
     @asynccontextmanager
@@ -59,12 +62,14 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
         state.batches.start()
         state.reconciler.start()
         state.settler.start()
+        state.purger.start()
         try:
             yield
         finally:
             await state.submitter.stop()
             state.reconciler.stop()
             state.settler.stop()
+            state.purger.stop()
             state.batches.stop()
             await app.state.aioredis.aclose()
             dispatcher.close()

@@ -15,6 +15,7 @@ from api.metrics import RequestMetrics
 from api.queue import Dispatcher
 from api.reconciler import Reconciler
 from api.registry import ModelRegistry
+from api.purger import Purger
 from api.settler import Settler
 from api.submit import Submitter
 from store import Store
@@ -33,6 +34,7 @@ class ApiState:
     reconciler: Reconciler
     limiter: Limiter
     settler: Settler
+    purger: Purger
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
 

@@ -12,6 +12,7 @@ from store.jobs import JobStore
 from store.keys import KeyStore
 from store.limits import LimitStore
 from store.models import Base
+from store.retention import RetentionStore
 from store.usage import UsageStore
 
 
@@ -22,6 +23,8 @@ class Store:
     - ``jobs``: jobs, results, worker claims and bulk finishing (:class:`store.jobs.JobStore`)
     - ``limits``: limits and retention of tenants and keys, and the sums they are checked against
       (:class:`store.limits.LimitStore`)
+    - ``retention``: purging finished work past each tenant's retention
+      (:class:`store.retention.RetentionStore`)
     - ``usage``: token accounting aggregates (:class:`store.usage.UsageStore`)
     - ``files``: streamed file content (:class:`store.files.FileStore`)
     - ``batches``: batch lifecycle, ingestion and counts (:class:`store.batches.BatchStore`)
@@ -36,6 +39,7 @@ class Store:
         self.jobs = JobStore(db)
         self.usage = UsageStore(db)
         self.limits = LimitStore(db)
+        self.retention = RetentionStore(db)
         self.files = FileStore(db)
         self.batches = BatchStore(db, self.files)
 

@@ -12,6 +12,7 @@ from tokenmill.cli_worker import worker_command
 from tokenmill.cli_api import api_command
 from tokenmill.cli_keys import keys_app
 from tokenmill.cli_tenants import tenants_app
+from tokenmill.cli_purge import purge_command
 from tokenmill.cli_up import down_command, up_command
 from tokenmill.cli_flower import flower_command
 from tokenmill.cli_batch import batch_app
@@ -34,6 +35,7 @@ app.command("worker")(worker_command)
 app.command("api")(api_command)
 app.add_typer(keys_app, name="keys")
 app.add_typer(tenants_app, name="tenants")
+app.command("purge")(purge_command)
 app.add_typer(db_app, name="db")
 app.command("up")(up_command)
 app.command("down")(down_command)
