@@ -21,7 +21,9 @@ from api.queue import Dispatcher
 from api.reconciler import Reconciler
 from api.registry import ModelRegistry
 from api.purger import Purger
+from api.routes.batches import batch_json
 from api.settler import Settler
+from api.webhooks import WebhookSender
 from api.routes import admin, batches, files, jobs, openai, ops, usage
 from api.state import ApiState
 from api.submit import Submitter
@@ -53,6 +55,8 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
                      settler=Settler(the_store, dispatcher, limiter, interval_s=config.settle_interval_s),
                      purger=Purger(the_store, dispatcher, default_days=config.retention_days,
                                    interval_s=config.purge_interval_s),
+                     webhooks=WebhookSender(the_store, dispatcher, batch_json, allow_private=config.webhook_allow_private,
+                                            interval_s=config.webhook_interval_s),
                      metrics=metrics)
 
     @asynccontextmanager
@@ -63,6 +67,7 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
         state.reconciler.start()
         state.settler.start()
         state.purger.start()
+        state.webhooks.start()
         try:
             yield
         finally:
@@ -70,6 +75,7 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
             state.reconciler.stop()
             state.settler.stop()
             state.purger.stop()
+            state.webhooks.stop()
             state.batches.stop()
             await app.state.aioredis.aclose()
             dispatcher.close()

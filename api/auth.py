@@ -36,6 +36,7 @@ class Principal:
     admin: bool = False
     tenant_limits: dict[str, Any] | None = None  # the tenant's limits (api.limits), as stored
     key_limits: dict[str, Any] | None = None  # the key's own limits, as stored
+    webhook_url: str | None = None  # the tenant's default completion webhook
 
 
 class KeyCache:
@@ -109,7 +110,7 @@ async def authenticate(request: Request, state: ApiState = Depends(get_state)) -
             raise _unauthorized("invalid or revoked API key")
         owner = await run_in_threadpool(state.store.keys.get_tenant, key.tenant_id)
         principal = Principal(key.tenant_id, key.id, tenant_limits=owner.limits if owner else None,
-                              key_limits=key.limits)
+                              key_limits=key.limits, webhook_url=owner.webhook_url if owner else None)
         cache.put(digest, principal, generation)
     return principal
 

@@ -17,6 +17,7 @@ from api.reconciler import Reconciler
 from api.registry import ModelRegistry
 from api.purger import Purger
 from api.settler import Settler
+from api.webhooks import WebhookSender
 from api.submit import Submitter
 from store import Store
 
@@ -35,6 +36,7 @@ class ApiState:
     limiter: Limiter
     settler: Settler
     purger: Purger
+    webhooks: WebhookSender
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
 

@@ -13,6 +13,7 @@ from store.keys import KeyStore
 from store.limits import LimitStore
 from store.models import Base
 from store.retention import RetentionStore
+from store.webhooks import WebhookStore
 from store.usage import UsageStore
 
 
@@ -25,6 +26,7 @@ class Store:
       (:class:`store.limits.LimitStore`)
     - ``retention``: purging finished work past each tenant's retention
       (:class:`store.retention.RetentionStore`)
+    - ``webhooks``: tenants' webhook settings and the delivery outbox (:class:`store.webhooks.WebhookStore`)
     - ``usage``: token accounting aggregates (:class:`store.usage.UsageStore`)
     - ``files``: streamed file content (:class:`store.files.FileStore`)
     - ``batches``: batch lifecycle, ingestion and counts (:class:`store.batches.BatchStore`)
@@ -40,6 +42,7 @@ class Store:
         self.usage = UsageStore(db)
         self.limits = LimitStore(db)
         self.retention = RetentionStore(db)
+        self.webhooks = WebhookStore(db)
         self.files = FileStore(db)
         self.batches = BatchStore(db, self.files)
 

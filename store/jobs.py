@@ -53,6 +53,8 @@ def _job_row(tenant_id: str, spec: JobSpec, now: datetime) -> dict[str, Any]:
         "batch_id": spec.batch_id,
         "custom_id": spec.custom_id,
         "reserved_tokens": spec.reserved_tokens,
+        "webhook_url": spec.webhook_url,
+        "webhook_status": "pending" if spec.webhook_url else None,
         "created_at": now,
         "expires_at": spec.expires_at,
         "started_at": None,

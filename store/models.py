@@ -109,6 +109,10 @@ class Tenant(Base):
     limits: Mapped[dict[str, Any] | None]
     # Finished jobs, results, files and batches older than this are purged (None: the default).
     retention_days: Mapped[int | None] = mapped_column(Integer)
+    # Completion webhooks: the default URL of the tenant's jobs and batches, and the secret their
+    # deliveries are signed with ("whsec_" + base64, the Standard Webhooks form).
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
 
 
 class ApiKey(Base):
@@ -183,6 +187,8 @@ class Batch(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))  # as Job.webhook_url
+    webhook_status: Mapped[str | None] = mapped_column(String(16), index=True)
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime | None]
     in_progress_at: Mapped[datetime | None]
@@ -230,6 +236,10 @@ class Job(Base):
     # Tokens (prompt + max_tokens) held against the tenant's limits while the job is open; settled
     # against its usage once it finishes. None: no limit applied when it was submitted.
     reserved_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Where to POST the job once it is final, and how that stands: "pending" until the job is
+    # final and its delivery queued, then "queued", "delivered" or "failed". None: no webhook.
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
+    webhook_status: Mapped[str | None] = mapped_column(String(16), index=True)
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
@@ -303,3 +313,35 @@ class UsageHourly(Base):
     prompt_tokens: Mapped[int] = mapped_column(BigInteger)
     cached_prompt_tokens: Mapped[int] = mapped_column(BigInteger)
     completion_tokens: Mapped[int] = mapped_column(BigInteger)
+
+
+WEBHOOK_STATUSES = ("pending", "delivered", "failed")
+
+
+class WebhookDelivery(Base):
+    """The outbox of completion webhooks: one row per final job or batch that has a webhook,
+    written before anything is sent, so a crash loses no notification. Its id is the Standard
+    Webhooks ``webhook-id`` (the same on every retry); ``body`` is what is sent, fixed once."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint(_in("status", WEBHOOK_STATUSES), name="status"),
+        UniqueConstraint("job_id"),
+        UniqueConstraint("batch_id"),
+        Index(None, "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2000))
+    event_type: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]

@@ -31,6 +31,7 @@ class JobSpec:
     id: str | None = None
     error: tuple[str, str] | None = None
     reserved_tokens: int | None = None
+    webhook_url: str | None = None  # already checked; the job is POSTed there once it is final
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ def api_config(settings: Settings):  # type: ignore[no-untyped-def]
         visibility_timeout_s=settings.visibility_timeout_s, reconcile_interval_s=settings.reconcile_interval_s,
         reconcile_min_age_s=settings.reconcile_min_age_s, budget_status=settings.budget_status,
         settle_interval_s=settings.settle_interval_s, retention_days=settings.retention_days,
-        purge_interval_s=settings.purge_interval_s,
+        purge_interval_s=settings.purge_interval_s, webhook_allow_private=settings.webhook_allow_private,
+        webhook_interval_s=settings.webhook_interval_s,
     )
 
 

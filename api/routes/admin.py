@@ -19,7 +19,9 @@ from api.schemas.admin import (
     TenantList,
     TenantRevoked,
     TenantSettings,
+    WebhookSecret,
 )
+from api.webhooks import WebhookUrlError, check_webhook_url
 from api.schemas.common import AUTH, BAD, CONFLICT, FORBIDDEN, MEDIA, MISSING, TOO_LARGE, responses
 from api.state import ApiState, get_state
 from store.errors import Conflict, NotFound
@@ -30,7 +32,7 @@ _COMMON = (AUTH, FORBIDDEN)
 
 def _tenant(t: Any) -> dict[str, Any]:
     return {"id": t.id, "object": "tenant", "name": t.name, "created_at": t.created_at, "limits": t.limits or {},
-            "retention_days": t.retention_days}
+            "retention_days": t.retention_days, "webhook_url": t.webhook_url}
 
 
 def _key(k: Any) -> dict[str, Any]:
@@ -128,13 +130,25 @@ def get_tenant(tenant_id: str, _: Principal = Depends(admin), state: ApiState = 
 
 @router.patch("/tenants/{tenant_id}", response_model=Tenant, summary="Change a tenant's settings",
               responses=responses(BAD, *_COMMON, MISSING, TOO_LARGE, MEDIA))
-def update_tenant(tenant_id: str, body: TenantSettings, _: Principal = Depends(admin),
+def update_tenant(tenant_id: str, body: TenantSettings, request: Request, _: Principal = Depends(admin),
                   state: ApiState = Depends(get_state)) -> Any:
-    """Sets the tenant's retention (``retention_days``; null: the operator's default)."""
+    """Sets the fields given: ``retention_days`` (null: the operator's default) and ``webhook_url``
+    (the default completion webhook of the tenant's jobs and batches; null: none)."""
+    _require_tenant(state, tenant_id)
+    if "webhook_url" in body.model_fields_set and body.webhook_url is not None:
+        try:
+            check_webhook_url(body.webhook_url, allow_private=state.config.webhook_allow_private)
+        except WebhookUrlError as exc:
+            raise ApiError(400, str(exc), param="webhook_url", code="invalid_webhook_url") from None
     try:
-        return _tenant(state.store.limits.set_retention(tenant_id, body.retention_days))
+        if "retention_days" in body.model_fields_set:
+            state.store.limits.set_retention(tenant_id, body.retention_days)
+        if "webhook_url" in body.model_fields_set:
+            state.store.webhooks.set_tenant_webhook(tenant_id, body.webhook_url)
+            _limits_changed(request, state, tenant_id)  # cached keys carry the default webhook too
     except NotFound:
         raise ApiError(404, f"no tenant {tenant_id!r}", code="tenant_not_found") from None
+    return _tenant(_require_tenant(state, tenant_id))
 
 
 @router.put("/tenants/{tenant_id}/limits", response_model=Tenant, summary="Set a tenant's limits",
@@ -162,3 +176,23 @@ def set_key_limits(tenant_id: str, key_id: str, body: Limits, request: Request, 
         raise ApiError(404, f"no key {key_id!r} for tenant {tenant_id!r}", code="key_not_found") from None
     _limits_changed(request, state, tenant_id)
     return _key(k)
+
+
+@router.get("/tenants/{tenant_id}/webhook-secret", response_model=WebhookSecret,
+            summary="Read a tenant's webhook signing secret", responses=responses(*_COMMON, MISSING))
+def webhook_secret(tenant_id: str, _: Principal = Depends(admin), state: ApiState = Depends(get_state)) -> Any:
+    """The secret the tenant's webhook deliveries are signed with (made on first use)."""
+    try:
+        return {"tenant_id": tenant_id, "secret": state.store.webhooks.secret(tenant_id)}
+    except NotFound:
+        raise ApiError(404, f"no tenant {tenant_id!r}", code="tenant_not_found") from None
+
+
+@router.post("/tenants/{tenant_id}/webhook-secret", response_model=WebhookSecret,
+             summary="Rotate a tenant's webhook signing secret", responses=responses(*_COMMON, MISSING))
+def rotate_webhook_secret(tenant_id: str, _: Principal = Depends(admin), state: ApiState = Depends(get_state)) -> Any:
+    """Replaces the signing secret; deliveries from now on are signed with the new one."""
+    try:
+        return {"tenant_id": tenant_id, "secret": state.store.webhooks.secret(tenant_id, rotate=True)}
+    except NotFound:
+        raise ApiError(404, f"no tenant {tenant_id!r}", code="tenant_not_found") from None

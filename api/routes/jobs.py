@@ -17,6 +17,7 @@ from api.convert import Prepared, prepare_job
 from api.errors import ApiError
 from api.formats import job_full, job_summary
 from api.limits import Admission, reservation, scopes_of
+from api.webhooks import WebhookUrlError, check_webhook_url
 from api.schemas.common import (
     AUTH,
     BAD,
@@ -93,6 +94,17 @@ async def submit_reserved(state: ApiState, tenant_id: str, spec: JobSpec, admiss
     return submitted
 
 
+def checked_webhook(state: ApiState, url: str | None, who: Principal) -> str | None:
+    """The webhook of a new job or batch: its own URL (checked: a 400 naming ``webhook_url`` if it
+    may not be used) or its tenant's default."""
+    if url is None:
+        return who.webhook_url
+    try:
+        return check_webhook_url(url, allow_private=state.config.webhook_allow_private)
+    except WebhookUrlError as exc:
+        raise ApiError(400, str(exc), param="webhook_url", code="invalid_webhook_url") from None
+
+
 def enqueue_failed(job_id: str) -> ApiError:
     """503 for a job that is stored but whose task Redis refused."""
     return ApiError(503, f"job {job_id} is stored (queued) but the queue is unavailable; it will be sent when "
@@ -113,6 +125,7 @@ async def create_job(body: JobCreate, response: Response, who: Principal = Depen
     """
     assert who.tenant_id is not None
     prepared = prepare_job(body, state.registry)
+    webhook_url = await run_in_threadpool(checked_webhook, state, body.webhook_url, who)  # may resolve DNS
     await admit(state, prepared.model)
     deadline = body.deadline
     if body.timeout_s is not None:
@@ -122,7 +135,7 @@ async def create_job(body: JobCreate, response: Response, who: Principal = Depen
     response.headers.update(admission.headers)
     spec = JobSpec(model=prepared.model, request=prepared.payload, priority=body.priority, api_key_id=who.key_id,
                    idempotency_key=body.idempotency_key or idempotency_key or None, expires_at=deadline,
-                   id=job_id, reserved_tokens=admission.reserved_tokens)
+                   id=job_id, reserved_tokens=admission.reserved_tokens, webhook_url=webhook_url)
     received = datetime.now(UTC)
     submitted = await submit_reserved(state, who.tenant_id, spec, admission)
     if submitted.created and not submitted.enqueued:
@@ -143,7 +156,10 @@ async def create_job(body: JobCreate, response: Response, who: Principal = Depen
             "priority": spec.priority, "attempts": 0, "created_at": received.isoformat(), "started_at": None,
             "finished_at": None, "expires_at": spec.expires_at.isoformat() if spec.expires_at else None,
             "batch_id": None, "custom_id": None, "idempotency_key": spec.idempotency_key, "error": None,
-            "request": spec.request, "result": None, "usage": None, "timings": None}
+            "request": spec.request, "result": None, "usage": None, "timings": None,
+            "webhook": None if webhook_url is None else {
+                "url": webhook_url, "status": "pending", "attempts": 0, "last_status_code": None,
+                "last_error": None, "delivered_at": None, "next_attempt_at": None}}
     return Response(json.dumps(body, separators=(",", ":")), status_code=202, media_type="application/json",
                     headers={"Location": f"/v1/jobs/{submitted.id}", **admission.headers})
 
@@ -160,7 +176,9 @@ def _read(state: ApiState, tenant_id: str, job_id: str) -> dict[str, Any]:
         raise ApiError(404, f"no job {job_id!r}", code="job_not_found")
     result = state.store.jobs.get_result(tenant_id, job_id) if job.status in FINAL else None
     usage = state.store.jobs.get_usage(tenant_id, job_id) if job.status in FINAL else None
-    return job_full(job, result, usage)
+    delivery = state.store.webhooks.delivery_of(tenant_id, job_id=job_id) if job.webhook_status not in (
+        None, "pending") else None
+    return job_full(job, result, usage, delivery)
 
 
 @router.get("/{job_id}", response_model=Job, summary="Read a job",

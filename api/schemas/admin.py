@@ -48,6 +48,15 @@ class TenantSettings(BaseModel):
 
     retention_days: int | None = Field(None, ge=1, le=100_000,
                                        description="days finished work is kept; null: the operator's default")
+    webhook_url: str | None = Field(None, min_length=1, max_length=2000,
+                                    description="the default completion webhook of the tenant's jobs and batches")
+
+
+class WebhookSecret(BaseModel):
+    """The secret a tenant's webhook deliveries are signed with (Standard Webhooks, ``whsec_...``)."""
+
+    tenant_id: str
+    secret: str
 
 
 class Tenant(BaseModel):
@@ -59,6 +68,7 @@ class Tenant(BaseModel):
     created_at: datetime
     limits: Limits = Field(default_factory=Limits)
     retention_days: int | None = None
+    webhook_url: str | None = None
 
 
 class TenantList(BaseModel):

@@ -32,6 +32,19 @@ class DeletedObject(BaseModel):
     deleted: bool
 
 
+class WebhookState(BaseModel):
+    """Where a job's or batch's completion webhook goes and how its delivery stands: ``pending``
+    (not final yet), ``queued``, ``retrying``, ``delivered`` or ``failed`` (gave up after 24 h)."""
+
+    url: str
+    status: str | None = None
+    attempts: int = 0
+    last_status_code: int | None = None
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+
+
 def _err(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"model": ErrorResponse, "description": description}
     if headers:

@@ -59,6 +59,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/admin/tenants/{tenant_id}"): ADMIN, ("PATCH", "/v1/admin/tenants/{tenant_id}"): ADMIN,
     ("PUT", "/v1/admin/tenants/{tenant_id}/limits"): ADMIN,
     ("PUT", "/v1/admin/tenants/{tenant_id}/keys/{key_id}/limits"): ADMIN,
+    ("GET", "/v1/admin/tenants/{tenant_id}/webhook-secret"): ADMIN,
+    ("POST", "/v1/admin/tenants/{tenant_id}/webhook-secret"): ADMIN,
 }
 
 
