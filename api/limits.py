@@ -240,10 +240,6 @@ class Limiter:
         if args:
             self._settle(keys=[RESERVATIONS], args=args)
 
-    def release(self, job_id: str) -> None:
-        """Gives back everything a job reserved (it was not stored, or was a duplicate)."""
-        self._settle(keys=[RESERVATIONS], args=[job_id, 0])
-
     def settle(self, settlements: list[Settlement]) -> int:
         """Replaces finished jobs' reservations by what they spent; returns how many were settled
         now (a job settled before is skipped)."""

@@ -163,6 +163,11 @@ class JobStore:
         with self._db.read() as s:
             return s.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
 
+    def id_for_idempotency_key(self, tenant_id: str, idempotency_key: str) -> str | None:
+        """The id of the tenant's job created with this idempotency key, or None."""
+        with self._db.read() as s:
+            return s.scalar(select(Job.id).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+
     def get_result(self, tenant_id: str, job_id: str) -> Result | None:
         """The result of the tenant's job, or None if it has none yet (or is not the tenant's)."""
         with self._db.read() as s:

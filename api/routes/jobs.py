@@ -70,11 +70,16 @@ async def admit(state: ApiState, model: str) -> None:
         check_backpressure(state, model)
 
 
-async def reserve(state: ApiState, who: Principal, job_id: str, prepared: Prepared) -> Admission:
-    """Counts a request against its tenant's and key's limits (api.limits), or raises their 429."""
+async def reserve(state: ApiState, who: Principal, job_id: str, prepared: Prepared,
+                  idempotency_key: str | None) -> Admission:
+    """Counts a request against its tenant's and key's limits (api.limits), or raises their 429.
+    A request repeating an earlier job's idempotency key gets that job back, so it counts nothing."""
     assert who.tenant_id is not None
     scopes = scopes_of(who.tenant_id, who.key_id, who.tenant_limits, who.key_limits)
     if not scopes:
+        return Admission(None)
+    if idempotency_key is not None and await run_in_threadpool(
+            state.store.jobs.id_for_idempotency_key, who.tenant_id, idempotency_key):
         return Admission(None)
     tokens = reservation(prepared.payload, prepared.prompt_tokens, prepared.max_tokens)
     return await run_in_threadpool(state.limiter.admit, scopes, [(job_id, tokens)])
@@ -131,10 +136,11 @@ async def create_job(body: JobCreate, response: Response, who: Principal = Depen
     if body.timeout_s is not None:
         deadline = datetime.now(UTC) + timedelta(seconds=body.timeout_s)
     job_id = new_id("job_")
-    admission = await reserve(state, who, job_id, prepared)
+    idempotency_key = body.idempotency_key or idempotency_key or None
+    admission = await reserve(state, who, job_id, prepared, idempotency_key)
     response.headers.update(admission.headers)
     spec = JobSpec(model=prepared.model, request=prepared.payload, priority=body.priority, api_key_id=who.key_id,
-                   idempotency_key=body.idempotency_key or idempotency_key or None, expires_at=deadline,
+                   idempotency_key=idempotency_key, expires_at=deadline,
                    id=job_id, reserved_tokens=admission.reserved_tokens, webhook_url=webhook_url)
     received = datetime.now(UTC)
     submitted = await submit_reserved(state, who.tenant_id, spec, admission)

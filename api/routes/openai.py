@@ -64,7 +64,7 @@ async def _run(request: Request, response: Response, state: ApiState, who: Princ
     assert who.tenant_id is not None
     await admit(state, prepared.model)
     job_id = new_id("job_")
-    admission = await reserve(state, who, job_id, prepared)
+    admission = await reserve(state, who, job_id, prepared, idempotency_key)
     response.headers.update(admission.headers)
     spec = JobSpec(model=prepared.model, request=prepared.payload, priority=priority, api_key_id=who.key_id,
                    idempotency_key=idempotency_key, id=job_id, reserved_tokens=admission.reserved_tokens)

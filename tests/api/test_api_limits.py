@@ -128,6 +128,19 @@ def test_max_queued_jobs_refuses_until_jobs_finish(server: Server, store: Store,
         assert wait_job(api, r.json()["id"])["status"] == "succeeded"
 
 
+def test_a_repeated_idempotency_key_gives_its_reservation_back(server: Server, store: Store, make_key) -> None:
+    _, key = _tenant(store, make_key, {"max_queued_jobs": 1}, server)
+    body = {**_job(300, exact=True), "idempotency_key": f"once-{uuid.uuid4().hex}"}
+    with server.client(key) as api:
+        first = api.post("/v1/jobs", json=body)
+        again = api.post("/v1/jobs", json=body)  # the same job: it takes no second slot
+        assert (first.status_code, again.status_code) == (202, 200), again.text
+        assert again.json()["id"] == first.json()["id"]
+        other = api.post("/v1/jobs", json=_job(1))
+        assert other.status_code == 429 and other.json()["error"]["code"] == "queue_limit_exceeded"
+        api.delete(f"/v1/jobs/{first.json()['id']}")
+
+
 def test_daily_budget_is_a_hard_stop_and_its_counter_ends_equal_to_the_sql_usage(
         server: Server, store: Store, make_key, redis_client: redis.Redis) -> None:
     tenant_id, key = _tenant(store, make_key, {"daily_tokens": 100}, server)
@@ -257,3 +270,25 @@ def test_cli_sets_tenant_and_key_limits(database_url: str, redis_url: str, store
     r = runner.invoke(app, ["keys", "limits", key_id, "--tenant", name, "-l", "tokens_per_minute=300"], env=env)
     assert r.exit_code == 0, r.output
     assert store.limits.key_limits(key_id) == {"tokens_per_minute": 300}
+
+
+def test_release_gives_back_a_reservation_once(store: Store, redis_client: redis.Redis) -> None:
+    from api.errors import ApiError
+
+    limiter = Limiter(redis_client, store)
+    scope = Scope(f"ten_{uuid.uuid4().hex}", None, {"max_queued_jobs": 2, "daily_tokens": 100})
+    limiter.admit([scope], [("job_a", 40)])
+    limiter.admit([scope], [("job_b", 40)])
+    with pytest.raises(ApiError) as refused:
+        limiter.admit([scope], [("job_c", 10)])
+    assert refused.value.code == "queue_limit_exceeded"
+    limiter.release(["job_a"])
+    limiter.release(["job_a"])  # a second release of the same job gives nothing back
+    assert limiter.counter_value(scope, "max_queued_jobs") == 1
+    assert limiter.counter_value(scope, "daily_tokens") == 40
+    with pytest.raises(ApiError) as over:
+        limiter.admit([scope], [("job_c", 61)])  # 40 + 61 > 100: the budget, and nothing counted
+    assert over.value.code == "insufficient_quota" and over.value.status == 429
+    assert limiter.counter_value(scope, "max_queued_jobs") == 1
+    limiter.admit([scope], [("job_c", 60)])
+    assert limiter.counter_value(scope, "daily_tokens") == 100
