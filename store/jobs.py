@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, cast
 
@@ -356,6 +357,10 @@ class JobStore:
                 )
             )
             claims = [JobClaim(*row[1:]) for row in rows if row[0] == "running"]
+            tenants = {c.tenant_id for c in claims}
+            if tenants:
+                weights = dict(s.execute(select(Tenant.id, Tenant.weight).where(Tenant.id.in_(tenants))).all())
+                claims = [replace(c, tenant_weight=float(weights.get(c.tenant_id) or 1.0)) for c in claims]
             return sorted(claims, key=lambda c: c.id)
 
         return self._db.transact(work)

@@ -69,6 +69,19 @@ class LimitStore:
 
         return self._db.transact(work)
 
+    def set_weight(self, tenant_id: str, weight: float) -> Tenant:
+        """Sets the tenant's fair-share weight (positive; 1 is the default)."""
+        if not weight > 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+
+        def work(s: Session) -> Tenant:
+            n = s.execute(update(Tenant).where(Tenant.id == tenant_id).values(weight=weight)).rowcount
+            if n != 1:
+                raise NotFound(f"no tenant {tenant_id!r}")
+            return s.get_one(Tenant, tenant_id)
+
+        return self._db.transact(work)
+
     def key_limits(self, key_id: str) -> dict[str, Any] | None:
         """The key's own limits (None: none)."""
         with self._db.read() as s:

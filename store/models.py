@@ -109,6 +109,8 @@ class Tenant(Base):
     limits: Mapped[dict[str, Any] | None]
     # Finished jobs, results, files and batches older than this are purged (None: the default).
     retention_days: Mapped[int | None] = mapped_column(Integer)
+    # Fair share: workers' engines share their capacity between tenants in proportion to this.
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
     # Completion webhooks: the default URL of the tenant's jobs and batches, and the secret their
     # deliveries are signed with ("whsec_" + base64, the Standard Webhooks form).
     webhook_url: Mapped[str | None] = mapped_column(String(2000))

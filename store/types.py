@@ -68,6 +68,7 @@ class JobClaim:
     attempts: int
     created_at: datetime | None = None
     expires_at: datetime | None = None  # the job's deadline: past it, the worker stops it as expired
+    tenant_weight: float = 1.0  # the tenant's fair-share weight (the engine shares by it)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import typer
 
 from tokenmill.settings import Settings
 
-tenants_app = typer.Typer(name="tenants", help="List tenants, set their limits and retention.",
+tenants_app = typer.Typer(name="tenants", help="List tenants, set their limits, retention and weight.",
                           no_args_is_help=True, add_completion=False)
 
 LIMIT_HELP = ("NAME=VALUE, repeatable: requests_per_minute, tokens_per_minute, max_queued_jobs, max_batch_tokens, "
@@ -66,7 +66,7 @@ def list_command() -> None:
     try:
         for t in store.keys.list_tenants():
             retention = f"{t.retention_days} d" if t.retention_days else "default retention"
-            typer.echo(f"{t.id}\t{t.name}\t{_show(t.limits)}\t{retention}")
+            typer.echo(f"{t.id}\t{t.name}\tweight {t.weight:g}\t{_show(t.limits)}\t{retention}")
     finally:
         store.close()
 
@@ -109,5 +109,29 @@ def retention_command(
             t = store.limits.set_retention(t.id, None if default else days)
         shown = f"{t.retention_days} days" if t.retention_days else f"default ({Settings.from_env().retention_days} days)"
         typer.echo(f"{t.name}: retention {shown}")
+    finally:
+        store.close()
+
+
+@tenants_app.command("weight")
+def weight_command(
+    tenant: str = typer.Argument(..., help="Tenant name."),
+    weight: Optional[float] = typer.Argument(None, help="New weight (positive; default 1)."),
+) -> None:
+    """Show or set a tenant's fair-share weight: workers share their capacity between tenants with
+    work in proportion to their weights."""
+    store = _store()
+    try:
+        t = store.keys.tenant_by_name(tenant)
+        if t is None:
+            typer.echo(f"error: no tenant named {tenant!r}", err=True)
+            raise typer.Exit(1)
+        if weight is not None:
+            try:
+                t = store.limits.set_weight(t.id, weight)
+            except ValueError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
+        typer.echo(f"{t.name}: weight {t.weight:g}")
     finally:
         store.close()

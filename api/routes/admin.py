@@ -32,7 +32,7 @@ _COMMON = (AUTH, FORBIDDEN)
 
 def _tenant(t: Any) -> dict[str, Any]:
     return {"id": t.id, "object": "tenant", "name": t.name, "created_at": t.created_at, "limits": t.limits or {},
-            "retention_days": t.retention_days, "webhook_url": t.webhook_url}
+            "retention_days": t.retention_days, "webhook_url": t.webhook_url, "weight": t.weight}
 
 
 def _key(k: Any) -> dict[str, Any]:
@@ -132,8 +132,9 @@ def get_tenant(tenant_id: str, _: Principal = Depends(admin), state: ApiState = 
               responses=responses(BAD, *_COMMON, MISSING, TOO_LARGE, MEDIA))
 def update_tenant(tenant_id: str, body: TenantSettings, request: Request, _: Principal = Depends(admin),
                   state: ApiState = Depends(get_state)) -> Any:
-    """Sets the fields given: ``retention_days`` (null: the operator's default) and ``webhook_url``
-    (the default completion webhook of the tenant's jobs and batches; null: none)."""
+    """Sets the fields given: ``retention_days`` (null: the operator's default), ``webhook_url``
+    (the default completion webhook of the tenant's jobs and batches; null: none) and ``weight``
+    (fair share; it applies to jobs workers claim from then on)."""
     _require_tenant(state, tenant_id)
     if "webhook_url" in body.model_fields_set and body.webhook_url is not None:
         try:
@@ -141,6 +142,8 @@ def update_tenant(tenant_id: str, body: TenantSettings, request: Request, _: Pri
         except WebhookUrlError as exc:
             raise ApiError(400, str(exc), param="webhook_url", code="invalid_webhook_url") from None
     try:
+        if body.weight is not None:
+            state.store.limits.set_weight(tenant_id, body.weight)
         if "retention_days" in body.model_fields_set:
             state.store.limits.set_retention(tenant_id, body.retention_days)
         if "webhook_url" in body.model_fields_set:

@@ -50,6 +50,9 @@ class TenantSettings(BaseModel):
                                        description="days finished work is kept; null: the operator's default")
     webhook_url: str | None = Field(None, min_length=1, max_length=2000,
                                     description="the default completion webhook of the tenant's jobs and batches")
+    weight: float | None = Field(None, gt=0, le=1000,
+                                 description="fair-share weight: workers share their capacity between tenants "
+                                             "with work in proportion to it (default 1)")
 
 
 class WebhookSecret(BaseModel):
@@ -69,6 +72,7 @@ class Tenant(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     retention_days: int | None = None
     webhook_url: str | None = None
+    weight: float = 1.0
 
 
 class TenantList(BaseModel):

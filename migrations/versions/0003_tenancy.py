@@ -1,5 +1,5 @@
 """Tenancy: per-tenant and per-key limits, token reservations on jobs, retention, hourly usage,
-completion webhooks (URLs, secrets, the delivery outbox).
+completion webhooks (URLs, secrets, the delivery outbox), fair-share weights.
 
 Revision ID: 0003
 Revises: 0002
@@ -25,6 +25,7 @@ def upgrade() -> None:
     with op.batch_alter_table("tenants") as batch:
         batch.add_column(sa.Column("limits", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("retention_days", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("weight", sa.Float(), server_default="1", nullable=False))
         batch.add_column(sa.Column("webhook_url", sa.String(2000), nullable=True))
         batch.add_column(sa.Column("webhook_secret", sa.String(100), nullable=True))
     with op.batch_alter_table("api_keys") as batch:
@@ -110,4 +111,5 @@ def downgrade() -> None:
         batch.drop_column("webhook_secret")
         batch.drop_column("webhook_url")
         batch.drop_column("retention_days")
+        batch.drop_column("weight")
         batch.drop_column("limits")
