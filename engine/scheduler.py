@@ -1,11 +1,13 @@
 """The scheduler: which requests run in the next step, and how many of their tokens.
 
 Each step has a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`).
-Running requests come first, in priority order (lower number first, then arrival), each taking what
-it still needs: one token for a decode, or the next chunk of a long prompt. Waiting requests are
-then admitted in the same order while budget, sequence slots and KV blocks last. When a running
-request cannot get a block, the newest request of the lowest priority is preempted: its blocks are
-freed and it is recomputed later from its tokens (which the prefix cache often still holds).
+Running requests come first, in priority order (lower number first; inside a priority, fair
+queueing between tenants by weight, then arrival), each taking what it still needs: one token for
+a decode, or the next chunk of a long prompt. Waiting requests are then admitted in the same order
+while budget, sequence slots and KV blocks last. When a running request cannot get a block, the
+newest request of the lowest priority (of the tenant most ahead of its share) is preempted: its
+blocks are freed and it is recomputed later from its tokens (which the prefix cache often still
+holds).
 """
 
 from __future__ import annotations
