@@ -14,11 +14,16 @@ from api.auth import KeyCache
 from api.batch_runner import BatchRunner
 from api.config import ApiConfig
 from api.errors import install_error_handlers
+from api.limits import Limiter
 from api.metrics import ApiMetrics
 from api.middleware import RequestGuard
 from api.queue import Dispatcher
 from api.reconciler import Reconciler
 from api.registry import ModelRegistry
+from api.purger import Purger
+from api.routes.batches import batch_json
+from api.settler import Settler
+from api.webhooks import WebhookSender
 from api.routes import admin, batches, files, jobs, openai, ops, usage
 from api.state import ApiState
 from api.submit import Submitter
@@ -41,11 +46,18 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
     dispatcher = Dispatcher(config.redis_url, visibility_timeout_s=config.visibility_timeout_s)
     registry = ModelRegistry(config.models)
     metrics = ApiMetrics(config.metrics_multiprocess_dir)
+    limiter = Limiter(dispatcher.redis, the_store, budget_status=config.budget_status)
     state = ApiState(config=config, store=the_store, dispatcher=dispatcher, registry=registry,
                      submitter=Submitter(the_store, dispatcher),
-                     batches=BatchRunner(config, the_store, dispatcher, registry),
+                     batches=BatchRunner(config, the_store, dispatcher, registry, limiter),
                      reconciler=Reconciler(the_store, dispatcher, interval_s=config.reconcile_interval_s,
                                            min_age_s=config.reconcile_min_age_s, on_resent=metrics.resent),
+                     limiter=limiter,
+                     settler=Settler(the_store, dispatcher, limiter, interval_s=config.settle_interval_s),
+                     purger=Purger(the_store, dispatcher, default_days=config.retention_days,
+                                   interval_s=config.purge_interval_s),
+                     webhooks=WebhookSender(the_store, dispatcher, batch_json, allow_private=config.webhook_allow_private,
+                                            interval_s=config.webhook_interval_s),
                      metrics=metrics)
 
     @asynccontextmanager
@@ -54,11 +66,17 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
         state.submitter.start()
         state.batches.start()
         state.reconciler.start()
+        state.settler.start()
+        state.purger.start()
+        state.webhooks.start()
         try:
             yield
         finally:
             await state.submitter.stop()
             state.reconciler.stop()
+            state.settler.stop()
+            state.purger.stop()
+            state.webhooks.stop()
             state.batches.stop()
             await app.state.aioredis.aclose()
             dispatcher.close()

@@ -21,9 +21,10 @@ from api.state import ApiState, get_state
 
 log = logging.getLogger(__name__)
 
-# A counter in Redis, bumped by whoever revokes a key (the admin endpoints, `tokenmill keys revoke`).
-# Every API process reads it on each request: a cached key checked under an older count is checked
-# against the store again, so a revocation applies at once in every process.
+# A counter in Redis, bumped by whoever revokes a key or changes limits (the admin endpoints,
+# `tokenmill keys revoke`, `tokenmill tenants limits`). Every API process reads it on each request:
+# a cached key checked under an older count is checked against the store again, so a revocation
+# or a new limit applies at once in every process.
 REVOCATIONS_KEY = "tokenmill:keys:revocations"
 
 
@@ -34,6 +35,9 @@ class Principal:
     tenant_id: str | None
     key_id: str | None
     admin: bool = False
+    tenant_limits: dict[str, Any] | None = None  # the tenant's limits (api.limits), as stored
+    key_limits: dict[str, Any] | None = None  # the key's own limits, as stored
+    webhook_url: str | None = None  # the tenant's default completion webhook
 
 
 class KeyCache:
@@ -105,7 +109,9 @@ async def authenticate(request: Request, state: ApiState = Depends(get_state)) -
         key = await run_in_threadpool(state.store.keys.authenticate, token)
         if key is None:
             raise _unauthorized("invalid or revoked API key")
-        principal = Principal(key.tenant_id, key.id)
+        owner = await run_in_threadpool(state.store.keys.get_tenant, key.tenant_id)
+        principal = Principal(key.tenant_id, key.id, tenant_limits=owner.limits if owner else None,
+                              key_limits=key.limits, webhook_url=owner.webhook_url if owner else None)
         cache.put(digest, principal, generation)
     set_log_fields(tenant_id=principal.tenant_id)  # the rest of this request's log lines name it
     return principal

@@ -13,12 +13,14 @@ group, and keeps no queued job.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
 from api.batch_lines import BatchLine, BodyPreparer, LineError, LineRules, refused_request
+from api.errors import ApiError
+from api.limits import reservation
 from store import JobSpec, Store, batch_job_id
 from store.models import Batch
 
@@ -36,6 +38,7 @@ class IngestReport:
     errors: list[dict[str, Any]]
     stopped: str | None = None  # the batch left ``validating`` meanwhile (e.g. "cancelling"): its jobs stay unsent
     model: str | None = None  # the model every request of the batch names
+    unsettled: list[str] = field(default_factory=list)  # jobs reserved but dropped: give them back
 
     @property
     def ok(self) -> bool:
@@ -81,7 +84,12 @@ class _FileCheck:
             self.refuse(LineError(None, "invalid_file", str(exc)))
 
 
-def _job(batch: Batch, line: BatchLine | LineError, priority: int, model: str | None) -> JobSpec:
+# Counts a batch's jobs (id, tokens) against its tenant's limits, or raises the limit's ApiError.
+Reserve = Callable[[list[tuple[str, int]]], object]
+
+
+def _job(batch: Batch, line: BatchLine | LineError, priority: int, model: str | None,
+         reserving: bool = False) -> JobSpec:
     # The id follows the line number: the output and error files, read in id order, then list
     # the results in the order of the input file.
     job_id = batch_job_id(batch.id, line.line if line.line is not None else 0)
@@ -90,19 +98,25 @@ def _job(batch: Batch, line: BatchLine | LineError, priority: int, model: str | 
         return JobSpec(id=job_id, model=model, request=refused_request(line), kind="bulk", priority=priority,
                        api_key_id=batch.api_key_id, batch_id=batch.id, custom_id=line.custom_id,
                        expires_at=batch.expires_at, error=(line.code, line.message))
+    tokens = None
+    if reserving:  # the prompt is not counted here: its UTF-8 bytes bound its tokens
+        tokens = reservation(line.request, None, int(line.request["params"]["max_tokens"]))
     return JobSpec(id=job_id, model=line.model, request=line.request, kind="bulk", priority=priority,
                    api_key_id=batch.api_key_id, batch_id=batch.id, custom_id=line.custom_id,
-                   expires_at=batch.expires_at)
+                   expires_at=batch.expires_at, reserved_tokens=tokens)
 
 
 def ingest_batch(store: Store, tenant_id: str, batch_id: str, *, prepare: BodyPreparer | None, max_lines: int,
-                 jobs_per_insert: int = JOBS_PER_INSERT, priority: int = 0) -> IngestReport:
+                 jobs_per_insert: int = JOBS_PER_INSERT, priority: int = 0,
+                 reserve: Reserve | None = None) -> IngestReport:
     """Turns a ``validating`` batch's input file into bulk jobs.
 
     ``prepare`` checks each line's body and returns the request its job stores (None: the body
     itself). If the file has no error the batch moves to ``in_progress`` (a line whose body was
     refused is a job already ``failed``); otherwise it keeps no job, moves to ``failed``, and the
     report (and the batch's ``errors``) say which lines were wrong.
+    ``reserve``, when the tenant or key has limits, counts the batch's jobs against them once the
+    file is read: a batch over a limit fails with that limit's error and keeps no job.
     Raises NotFound or InvalidTransition when the batch cannot be ingested.
     """
     batch = store.batches.start_ingest(tenant_id, batch_id)
@@ -111,12 +125,23 @@ def ingest_batch(store: Store, tenant_id: str, batch_id: str, *, prepare: BodyPr
     check = _FileCheck(rules, max_lines)
     lines = check.job_lines(store.files.open_lines(tenant_id, batch.input_file_id))
     stopped: str | None = None
+    held: list[tuple[str, int]] = []
     while stopped is None and (group := list(islice(lines, jobs_per_insert))):
-        stopped = store.batches.add_jobs(tenant_id, batch_id,
-                                         [_job(batch, line, priority, rules.model) for line in group])
+        specs = [_job(batch, line, priority, rules.model, reserve is not None) for line in group]
+        held += [(spec.id, spec.reserved_tokens) for spec in specs
+                 if spec.id is not None and spec.reserved_tokens is not None]
+        stopped = store.batches.add_jobs(tenant_id, batch_id, specs)
     if stopped is None and check.total == 0 and not check.errors:
         check.refuse(LineError(None, "empty_file", "the input file holds no requests"))
     errors = [e.entry() for e in check.errors]
+    reserved: list[str] = []
+    if stopped is None and not errors and reserve is not None and held:
+        try:
+            reserve(held)
+            reserved = [job_id for job_id, _ in held]
+        except ApiError as exc:
+            errors = [{"code": exc.code, "message": exc.message, "line": None}]
     if stopped is None:
         stopped = store.batches.finish_ingest(tenant_id, batch_id, total=check.total, errors=errors)
-    return IngestReport(batch_id, 0 if errors or stopped else check.total, errors, stopped, rules.model)
+    return IngestReport(batch_id, 0 if errors or stopped else check.total, errors, stopped, rules.model,
+                        reserved if stopped else [])

@@ -17,11 +17,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
-from api.batch_ingest import ingest_batch
+from api.batch_ingest import Reserve, ingest_batch
 from api.batch_lines import is_refused, refused_param, request_preparer
 from api.config import ApiConfig
 from api.errors import error_body
 from api.formats import answer_for
+from api.limits import Limiter, scopes_of
 from api.queue import Dispatcher, QueueUnavailable
 from api.registry import ModelRegistry
 from store import Store
@@ -40,8 +41,10 @@ SEND_PAGE = 4096
 class BatchRunner:
     """Ingests, enqueues and finalizes batches for one API process."""
 
-    def __init__(self, config: ApiConfig, store: Store, dispatcher: Dispatcher, registry: ModelRegistry) -> None:
+    def __init__(self, config: ApiConfig, store: Store, dispatcher: Dispatcher, registry: ModelRegistry,
+                 limiter: Limiter | None = None) -> None:
         self._config = config
+        self._limiter = limiter
         self._store = store
         self._dispatcher = dispatcher
         self._registry = registry
@@ -79,10 +82,13 @@ class BatchRunner:
                                        default_max_tokens=self._config.default_max_tokens)
             try:
                 report = ingest_batch(self._store, tenant_id, batch_id, prepare=prepare,
-                                      max_lines=self._config.batch_max_lines)
+                                      max_lines=self._config.batch_max_lines,
+                                      reserve=self._reserver(tenant_id, batch.api_key_id, batch_id))
             except (InvalidTransition, NotFound) as exc:
                 log.info("batch %s not ingested: %s", batch_id, exc)
                 return
+            if report.unsettled:
+                self._limiter.release(report.unsettled)
             if report.stopped:
                 log.info("batch %s left validating while it was ingested (%s): nothing is sent", batch_id,
                          report.stopped)
@@ -92,6 +98,18 @@ class BatchRunner:
             log.exception("ingesting batch %s failed", batch_id)
         finally:
             self._dispatcher.unlock(lock)
+
+    def _reserver(self, tenant_id: str, key_id: str | None, batch_id: str) -> Reserve | None:
+        """What counts the batch's jobs against its tenant's and key's limits (None: it has none)."""
+        if self._limiter is None:
+            return None
+        tenant = self._store.keys.get_tenant(tenant_id)
+        key_limits = self._store.limits.key_limits(key_id) if key_id else None
+        scopes = scopes_of(tenant_id, key_id, tenant.limits if tenant else None, key_limits)
+        if not scopes:
+            return None
+        limiter = self._limiter
+        return lambda jobs: limiter.admit(scopes, jobs, bulk=True)
 
     def enqueue(self, tenant_id: str, batch_id: str, model: str) -> int:
         """Sends the batch's queued jobs as bulk tasks; returns how many were sent. The store hands

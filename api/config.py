@@ -30,3 +30,9 @@ class ApiConfig:
     reconcile_interval_s: float = 10.0  # how often the reconciler looks for jobs Redis lost (<= 0: never)
     reconcile_min_age_s: float = 30.0  # how long a job waits or runs before the reconciler looks for it
     metrics_multiprocess_dir: str = ""  # prometheus_client's directory shared by several API processes
+    budget_status: int = 429  # the status of a request refused by a token budget (429 or 402)
+    retention_days: int = 30  # the default retention of finished work (a tenant's own wins)
+    purge_interval_s: float = 3600.0  # how often finished work past its retention is purged (<= 0: never)
+    webhook_allow_private: bool = False  # webhooks may go to loopback, link-local and private addresses
+    webhook_interval_s: float = 1.0  # how often completion webhooks are queued and sent (<= 0: never)
+    settle_interval_s: float = 1.0  # how often finished jobs' token reservations are settled (<= 0: never)

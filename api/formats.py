@@ -8,6 +8,7 @@ from typing import Any
 
 from api.registry import ModelRegistry
 from store.models import Job as JobRow
+from store.models import WebhookDelivery
 from store.models import Result as ResultRow
 from store.models import Usage as UsageRow
 
@@ -38,6 +39,18 @@ def job_summary(job: JobRow) -> dict[str, Any]:
     }
 
 
+def webhook_view(delivery: WebhookDelivery | None, url: str | None, status: str | None) -> dict[str, Any] | None:
+    """The ``webhook`` field of a job or batch: where it goes and how its delivery stands."""
+    if url is None:
+        return None
+    return {"url": url, "status": status,
+            "attempts": delivery.attempts if delivery else 0,
+            "last_status_code": delivery.last_status_code if delivery else None,
+            "last_error": delivery.last_error if delivery else None,
+            "delivered_at": delivery.delivered_at if delivery else None,
+            "next_attempt_at": delivery.next_attempt_at if delivery and delivery.status == "pending" else None}
+
+
 def usage_dict(usage: UsageRow | None) -> dict[str, int] | None:
     """A job's token counts."""
     if usage is None:
@@ -47,9 +60,11 @@ def usage_dict(usage: UsageRow | None) -> dict[str, int] | None:
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
-def job_full(job: JobRow, result: ResultRow | None, usage: UsageRow | None) -> dict[str, Any]:
-    """A job with its request, result, usage and timings."""
+def job_full(job: JobRow, result: ResultRow | None, usage: UsageRow | None,
+             delivery: WebhookDelivery | None = None) -> dict[str, Any]:
+    """A job with its request, result, usage, timings and webhook delivery."""
     out = job_summary(job)
+    out["webhook"] = webhook_view(delivery, job.webhook_url, job.webhook_status)
     out["request"] = job.request
     out["result"] = None if result is None else {
         "output_text": result.output_text, "finish_reason": result.finish_reason,

@@ -10,10 +10,14 @@ from fastapi import Request
 
 from api.batch_runner import BatchRunner
 from api.config import ApiConfig
+from api.limits import Limiter
 from api.metrics import ApiMetrics
 from api.queue import Dispatcher
 from api.reconciler import Reconciler
 from api.registry import ModelRegistry
+from api.purger import Purger
+from api.settler import Settler
+from api.webhooks import WebhookSender
 from api.submit import Submitter
 from store import Store
 
@@ -29,6 +33,10 @@ class ApiState:
     submitter: Submitter
     batches: BatchRunner
     reconciler: Reconciler
+    limiter: Limiter
+    settler: Settler
+    purger: Purger
+    webhooks: WebhookSender
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
 
 

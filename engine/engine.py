@@ -97,14 +97,20 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | None = None,
                     params: SamplingParams | None = None, *, messages: list[dict[str, Any]] | None = None,
-                    priority: int = 0, arrival_time: float | None = None, stream: bool = True) -> None:
+                    priority: int = 0, arrival_time: float | None = None, stream: bool = True,
+                    tenant: str | None = None, weight: float = 1.0) -> None:
         """Queues a request. Raises ValueError, naming what is wrong, for input it cannot run.
+
+        ``tenant`` and ``weight``: whose request it is; requests of one priority are shared
+        between tenants in proportion to their weights (the scheduler's fair queueing).
 
         With `stream=False`, `step` returns the request's output only once it has finished (the
         offline path, where building an output per request per step is host time for nothing)."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         params = params or SamplingParams()
+        if not weight > 0:
+            raise ValueError(f"weight must be positive, got {weight}")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         ids = self.tokenize(prompt, messages)
@@ -115,7 +121,7 @@ class Engine:
         for i in range(params.n):
             req = Request(request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
                           prompt_token_ids=ids, params=params, priority=priority,
-                          arrival_time=arrival, seq_index=i,
+                          arrival_time=arrival, seq_index=i, tenant=tenant, weight=weight,
                           leader=group.seqs[0].request if group.seqs else None)
             detok = None
             if self.tokenizer is not None:

@@ -40,6 +40,10 @@ class Request:
     params: SamplingParams
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    # Who the request is for, and that party's weight: inside a priority step, the scheduler
+    # shares the engine between parties in proportion to their weights (None: no sharing, FIFO).
+    tenant: str | None = None
+    weight: float = 1.0
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

@@ -1,11 +1,13 @@
 """The scheduler: which requests run in the next step, and how many of their tokens.
 
 Each step has a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`).
-Running requests come first, in priority order (lower number first, then arrival), each taking what
-it still needs: one token for a decode, or the next chunk of a long prompt. Waiting requests are
-then admitted in the same order while budget, sequence slots and KV blocks last. When a running
-request cannot get a block, the newest request of the lowest priority is preempted: its blocks are
-freed and it is recomputed later from its tokens (which the prefix cache often still holds).
+Running requests come first, in priority order (lower number first; inside a priority, fair
+queueing between tenants by weight, then arrival), each taking what it still needs: one token for
+a decode, or the next chunk of a long prompt. Waiting requests are then admitted in the same order
+while budget, sequence slots and KV blocks last. When a running request cannot get a block, the
+newest request of the lowest priority (of the tenant most ahead of its share) is preempted: its
+blocks are freed and it is recomputed later from its tokens (which the prefix cache often still
+holds).
 """
 
 from __future__ import annotations
@@ -41,16 +43,29 @@ class Scheduler:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: list[tuple[tuple[int, float, int], Request]] = []  # sorted by key
+        self.waiting: list[tuple[tuple[int, float, float, int], Request]] = []  # sorted by key
         self.running: list[Request] = []
         self._order = itertools.count()
-        self._keys: dict[int, tuple[int, float, int]] = {}
+        self._keys: dict[int, tuple[int, float, float, int]] = {}
         self.num_preemptions = 0
+        # Start-time fair queueing between tenants: each request gets a virtual start tag, the
+        # later of the system's virtual time and its tenant's previous finish tag; its finish tag
+        # adds its cost (prompt + max_tokens) divided by the tenant's weight. Waiting requests of a
+        # priority are served in start-tag order, so tenants with work share the engine in
+        # proportion to their weights, and one that was idle starts at the current virtual time
+        # (it hoards no credit). The virtual time is the latest start tag admitted.
+        self._vtime = 0.0
+        self._finish: dict[str, float] = {}
 
-    def _key(self, request: Request) -> tuple[int, float, int]:
+    def _key(self, request: Request) -> tuple[int, float, float, int]:
         key = self._keys.get(id(request))
         if key is None:
-            key = (request.priority, request.arrival_time, next(self._order))
+            start = 0.0
+            if request.tenant is not None:
+                start = max(self._vtime, self._finish.get(request.tenant, 0.0))
+                cost = len(request.prompt_token_ids) + request.params.max_tokens
+                self._finish[request.tenant] = start + cost / request.weight
+            key = (request.priority, start, request.arrival_time, next(self._order))
             self._keys[id(request)] = key
         return key
 
@@ -124,6 +139,7 @@ class Scheduler:
             if not self.kv.allocate(request, n, cached):
                 break
             self.waiting.pop(at)
+            self._vtime = max(self._vtime, self._key(request)[1])
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
             request.num_computed_tokens = num_cached
@@ -135,7 +151,8 @@ class Scheduler:
         return batch
 
     def _pick_victim(self, exclude: set[int]) -> Request:
-        """The newest request of the lowest priority, preferring ones not yet scheduled."""
+        """The newest request of the lowest priority, preferring ones not yet scheduled; between
+        tenants, one of the tenant furthest ahead in virtual time (the most over its share)."""
         candidates = [r for r in self.running if id(r) not in exclude] or self.running
         return max(candidates, key=self._key)
 

@@ -98,8 +98,10 @@ class BatchStore:
         completion_window: str = "24h",
         metadata: dict[str, str] | None = None,
         api_key_id: str | None = None,
+        webhook_url: str | None = None,
     ) -> Batch:
-        """Creates a batch in ``validating`` status over one of the tenant's ``batch`` files.
+        """Creates a batch in ``validating`` status over one of the tenant's ``batch`` files
+        (``webhook_url``, already checked: where to POST the batch once it ends).
 
         Raises NotFound if the tenant has no such uploaded file, ValueError for a file of another
         purpose, an endpoint not in ENDPOINTS or a malformed completion window.
@@ -128,6 +130,8 @@ class BatchStore:
             failed=0,
             created_at=now,
             expires_at=now + window,
+            webhook_url=webhook_url,
+            webhook_status="pending" if webhook_url else None,
         )
         self._db.transact(lambda s: s.add(batch))
         return batch

@@ -10,7 +10,10 @@ from store.db import Database
 from store.files import FileStore
 from store.jobs import JobStore
 from store.keys import KeyStore
+from store.limits import LimitStore
 from store.models import Base
+from store.retention import RetentionStore
+from store.webhooks import WebhookStore
 from store.usage import UsageStore
 
 
@@ -19,6 +22,11 @@ class Store:
 
     - ``keys``: tenants and API keys (:class:`store.keys.KeyStore`)
     - ``jobs``: jobs, results, worker claims and bulk finishing (:class:`store.jobs.JobStore`)
+    - ``limits``: limits and retention of tenants and keys, and the sums they are checked against
+      (:class:`store.limits.LimitStore`)
+    - ``retention``: purging finished work past each tenant's retention
+      (:class:`store.retention.RetentionStore`)
+    - ``webhooks``: tenants' webhook settings and the delivery outbox (:class:`store.webhooks.WebhookStore`)
     - ``usage``: token accounting aggregates (:class:`store.usage.UsageStore`)
     - ``files``: streamed file content (:class:`store.files.FileStore`)
     - ``batches``: batch lifecycle, ingestion and counts (:class:`store.batches.BatchStore`)
@@ -32,6 +40,9 @@ class Store:
         self.keys = KeyStore(db)
         self.jobs = JobStore(db)
         self.usage = UsageStore(db)
+        self.limits = LimitStore(db)
+        self.retention = RetentionStore(db)
+        self.webhooks = WebhookStore(db)
         self.files = FileStore(db)
         self.batches = BatchStore(db, self.files)
 

@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, cast
 
@@ -52,6 +53,9 @@ def _job_row(tenant_id: str, spec: JobSpec, now: datetime) -> dict[str, Any]:
         "idempotency_key": spec.idempotency_key,
         "batch_id": spec.batch_id,
         "custom_id": spec.custom_id,
+        "reserved_tokens": spec.reserved_tokens,
+        "webhook_url": spec.webhook_url,
+        "webhook_status": "pending" if spec.webhook_url else None,
         "created_at": now,
         "expires_at": spec.expires_at,
         "started_at": None,
@@ -159,6 +163,11 @@ class JobStore:
         """The tenant's job, or None (also when the job belongs to another tenant)."""
         with self._db.read() as s:
             return s.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+    def id_for_idempotency_key(self, tenant_id: str, idempotency_key: str) -> str | None:
+        """The id of the tenant's job created with this idempotency key, or None."""
+        with self._db.read() as s:
+            return s.scalar(select(Job.id).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
 
     def get_result(self, tenant_id: str, job_id: str) -> Result | None:
         """The result of the tenant's job, or None if it has none yet (or is not the tenant's)."""
@@ -348,6 +357,10 @@ class JobStore:
                 )
             )
             claims = [JobClaim(*row[1:]) for row in rows if row[0] == "running"]
+            tenants = {c.tenant_id for c in claims}
+            if tenants:
+                weights = dict(s.execute(select(Tenant.id, Tenant.weight).where(Tenant.id.in_(tenants))).all())
+                claims = [replace(c, tenant_weight=float(weights.get(c.tenant_id) or 1.0)) for c in claims]
             return sorted(claims, key=lambda c: c.id)
 
         return self._db.transact(work)

@@ -32,7 +32,7 @@ class KeyStore:
         """Creates a tenant. Raises Conflict if the name is taken (names are unique)."""
         if not name or len(name) > 200:
             raise ValueError(f"tenant name must be 1 to 200 characters, got {len(name)}")
-        tenant = Tenant(id=new_id("ten_"), name=name, created_at=utcnow())
+        tenant = Tenant(id=new_id("ten_"), name=name, created_at=utcnow(), weight=1.0)
         try:
             self._db.transact(lambda s: s.add(tenant))
         except IntegrityError:

@@ -104,6 +104,17 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime]
+    # Rate, queue and budget limits ({"requests_per_minute": ..., ...}; None or a missing field:
+    # no limit). Validated by the API's Limits schema before they are stored.
+    limits: Mapped[dict[str, Any] | None]
+    # Finished jobs, results, files and batches older than this are purged (None: the default).
+    retention_days: Mapped[int | None] = mapped_column(Integer)
+    # Fair share: workers' engines share their capacity between tenants in proportion to this.
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    # Completion webhooks: the default URL of the tenant's jobs and batches, and the secret their
+    # deliveries are signed with ("whsec_" + base64, the Standard Webhooks form).
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
 
 
 class ApiKey(Base):
@@ -118,6 +129,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+    # Limits of this key alone, on top of its tenant's (same shape as Tenant.limits).
+    limits: Mapped[dict[str, Any] | None]
 
 
 class File(Base):
@@ -176,6 +189,8 @@ class Batch(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))  # as Job.webhook_url
+    webhook_status: Mapped[str | None] = mapped_column(String(16), index=True)
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime | None]
     in_progress_at: Mapped[datetime | None]
@@ -199,6 +214,8 @@ class Job(Base):
         UniqueConstraint("batch_id", "custom_id"),
         Index(None, "tenant_id", "created_at", "id"),
         Index(None, "tenant_id", "status", "created_at"),
+        # Jobs finished lately (settling their token reservations) or long ago (retention).
+        Index(None, "finished_at"),
         # Jobs by batch use the (batch_id, custom_id) unique index: one index less to maintain on
         # every status change of the hot path.
     )
@@ -218,6 +235,13 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     custom_id: Mapped[str | None] = mapped_column(String(200))
+    # Tokens (prompt + max_tokens) held against the tenant's limits while the job is open; settled
+    # against its usage once it finishes. None: no limit applied when it was submitted.
+    reserved_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Where to POST the job once it is final, and how that stands: "pending" until the job is
+    # final and its delivery queued, then "queued", "delivered" or "failed". None: no webhook.
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
+    webhook_status: Mapped[str | None] = mapped_column(String(16), index=True)
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
@@ -269,3 +293,57 @@ class Usage(Base):
     created_at: Mapped[datetime]
     day: Mapped[date]
     hour: Mapped[int] = mapped_column(SmallInteger)
+
+
+class UsageHourly(Base):
+    """Usage of purged jobs, summed per tenant, key, model and UTC hour (retention keeps the
+    accounting: a purge moves per-job ``usage`` rows here, so totals never change).
+
+    Several rows may hold the same hour (one per purge pass); readers sum them.
+    """
+
+    __tablename__ = "usage_hourly"
+    __table_args__ = (Index(None, "tenant_id", "day"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    model: Mapped[str] = mapped_column(String(200))
+    day: Mapped[date]
+    hour: Mapped[int] = mapped_column(SmallInteger)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    cached_prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+
+
+WEBHOOK_STATUSES = ("pending", "delivered", "failed")
+
+
+class WebhookDelivery(Base):
+    """The outbox of completion webhooks: one row per final job or batch that has a webhook,
+    written before anything is sent, so a crash loses no notification. Its id is the Standard
+    Webhooks ``webhook-id`` (the same on every retry); ``body`` is what is sent, fixed once."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint(_in("status", WEBHOOK_STATUSES), name="status"),
+        UniqueConstraint("job_id"),
+        UniqueConstraint("batch_id"),
+        Index(None, "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2000))
+    event_type: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]

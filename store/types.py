@@ -30,6 +30,20 @@ class JobSpec:
     expires_at: datetime | None = None
     id: str | None = None
     error: tuple[str, str] | None = None
+    reserved_tokens: int | None = None
+    webhook_url: str | None = None  # already checked; the job is POSTed there once it is final
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A finished job whose token reservation is to be settled: what it held and what it spent
+    (prompt plus completion tokens of its usage row; 0 when it produced no output)."""
+
+    job_id: str
+    tenant_id: str
+    reserved_tokens: int
+    spent_tokens: int
+    finished_at: datetime
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,7 @@ class JobClaim:
     attempts: int
     created_at: datetime | None = None
     expires_at: datetime | None = None  # the job's deadline: past it, the worker stops it as expired
+    tenant_weight: float = 1.0  # the tenant's fair-share weight (the engine shares by it)
 
 
 @dataclass(frozen=True)

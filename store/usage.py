@@ -9,17 +9,11 @@ from typing import Any, Literal
 from sqlalchemy import func, select
 
 from store.db import Database
-from store.models import Usage
+from store.models import Usage, UsageHourly
 from store.types import UsageBucket
 
 GroupBy = Literal["tenant", "model", "api_key", "day", "hour"]
-_COLUMNS = {
-    "tenant": Usage.tenant_id,
-    "model": Usage.model,
-    "api_key": Usage.api_key_id,
-    "day": Usage.day,
-    "hour": Usage.hour,
-}
+_COLUMNS = {"tenant": "tenant_id", "model": "model", "api_key": "api_key_id", "day": "day", "hour": "hour"}
 
 
 class UsageStore:
@@ -51,39 +45,49 @@ class UsageStore:
             raise ValueError(f"cannot group usage by {bad[0]!r}; choose from {', '.join(_COLUMNS)}")
         if "hour" in wanted and "day" not in wanted:
             wanted.insert(wanted.index("hour"), "day")
-        keys = [_COLUMNS[g] for g in wanted]
-        stmt = select(
-            *keys,
-            func.count(),
-            func.coalesce(func.sum(Usage.prompt_tokens), 0),
-            func.coalesce(func.sum(Usage.cached_prompt_tokens), 0),
-            func.coalesce(func.sum(Usage.completion_tokens), 0),
-        )
-        if tenant_id is not None:
-            stmt = stmt.where(Usage.tenant_id == tenant_id)
-        if since is not None:
-            stmt = stmt.where(Usage.day >= since)
-        if until is not None:
-            stmt = stmt.where(Usage.day <= until)
-        if api_key_id is not None:
-            stmt = stmt.where(Usage.api_key_id == api_key_id)
-        if model is not None:
-            stmt = stmt.where(Usage.model == model)
-        if keys:
-            stmt = stmt.group_by(*keys).order_by(*keys)
-        with self._db.read() as s:
-            rows = s.execute(stmt).all()
+        # Per-job rows, plus the hourly sums of purged jobs (store.retention): totals are the same
+        # before and after a purge.
+        merged: dict[tuple[Any, ...], list[int]] = {}
+        for table, requests in ((Usage, func.count()), (UsageHourly, func.coalesce(func.sum(UsageHourly.requests), 0))):
+            keys = [getattr(table, _COLUMNS[g]) for g in wanted]
+            stmt = select(
+                *keys,
+                requests,
+                func.coalesce(func.sum(table.prompt_tokens), 0),
+                func.coalesce(func.sum(table.cached_prompt_tokens), 0),
+                func.coalesce(func.sum(table.completion_tokens), 0),
+            )
+            if tenant_id is not None:
+                stmt = stmt.where(table.tenant_id == tenant_id)
+            if since is not None:
+                stmt = stmt.where(table.day >= since)
+            if until is not None:
+                stmt = stmt.where(table.day <= until)
+            if api_key_id is not None:
+                stmt = stmt.where(table.api_key_id == api_key_id)
+            if model is not None:
+                stmt = stmt.where(table.model == model)
+            if keys:
+                stmt = stmt.group_by(*keys)
+            with self._db.read() as s:
+                rows = s.execute(stmt).all()
+            for row in rows:
+                group = tuple(row[: len(keys)])
+                numbers = [int(v) for v in row[len(keys):]]
+                before = merged.get(group)
+                merged[group] = numbers if before is None else [a + b for a, b in zip(before, numbers, strict=True)]
         buckets = []
-        for row in rows:
-            group: dict[str, Any] = dict(zip(wanted, row[: len(keys)], strict=True))
-            requests, prompt, cached, completion = (int(v) for v in row[len(keys) :])
+        # Ordered by the group fields, as SQL would (NULLs last)
+        for group_values in sorted(merged, key=lambda g: tuple((v is None, v if v is not None else "") for v in g)):
+            group: dict[str, Any] = dict(zip(wanted, group_values, strict=True))
+            requests_n, prompt, cached, completion = merged[group_values]
             buckets.append(
                 UsageBucket(
                     model=group.get("model"),
                     api_key_id=group.get("api_key"),
                     day=group.get("day"),
                     hour=group.get("hour"),
-                    requests=requests,
+                    requests=requests_n,
                     prompt_tokens=prompt,
                     cached_prompt_tokens=cached,
                     completion_tokens=completion,

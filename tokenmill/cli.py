@@ -11,6 +11,8 @@ from tokenmill.cli_generate import generate_command
 from tokenmill.cli_worker import worker_command
 from tokenmill.cli_api import api_command
 from tokenmill.cli_keys import keys_app
+from tokenmill.cli_tenants import tenants_app
+from tokenmill.cli_purge import purge_command
 from tokenmill.cli_up import down_command, up_command
 from tokenmill.cli_flower import flower_command
 from tokenmill.cli_batch import batch_app
@@ -32,6 +34,8 @@ app.command("generate")(generate_command)
 app.command("worker")(worker_command)
 app.command("api")(api_command)
 app.add_typer(keys_app, name="keys")
+app.add_typer(tenants_app, name="tenants")
+app.command("purge")(purge_command)
 app.add_typer(db_app, name="db")
 app.command("up")(up_command)
 app.command("down")(down_command)

@@ -55,6 +55,10 @@ def api_config(settings: Settings):  # type: ignore[no-untyped-def]
         default_max_tokens=settings.default_max_tokens, sync_timeout_s=settings.sync_timeout_s,
         visibility_timeout_s=settings.visibility_timeout_s, reconcile_interval_s=settings.reconcile_interval_s,
         reconcile_min_age_s=settings.reconcile_min_age_s, metrics_multiprocess_dir=settings.metrics_dir,
+        budget_status=settings.budget_status,
+        settle_interval_s=settings.settle_interval_s, retention_days=settings.retention_days,
+        purge_interval_s=settings.purge_interval_s, webhook_allow_private=settings.webhook_allow_private,
+        webhook_interval_s=settings.webhook_interval_s,
     )
 
 

@@ -75,3 +75,34 @@ def revoke_command(key_id: str = typer.Argument(..., help="The key's id (key_...
     if not announce_revocation(redis.Redis.from_url(Settings.from_env().redis_url, socket_connect_timeout=2,
                                                     socket_timeout=2)):
         typer.echo("warning: Redis did not answer; running API processes refuse the key within 2 s", err=True)
+
+
+@keys_app.command("limits")
+def limits_command(
+    key_id: str = typer.Argument(..., help="The key's id (key_...)."),
+    tenant: str = typer.Option(..., "--tenant", "-t", help="Tenant name."),
+    limit: Optional[list[str]] = typer.Option(None, "--limit", "-l", help="NAME=VALUE, repeatable (as for "
+                                                "`tokenmill tenants limits`); VALUE 'none' removes it."),
+    clear: bool = typer.Option(False, help="Remove every limit of the key first."),
+) -> None:
+    """Show or change one key's own limits (they apply on top of its tenant's)."""
+    from store.errors import NotFound
+    from tokenmill.cli_tenants import _announce, _show, merged_limits
+
+    store = _store()
+    try:
+        t = store.keys.tenant_by_name(tenant)
+        key = None if t is None else next((k for k in store.keys.list_keys(t.id) if k.id == key_id), None)
+        if t is None or key is None:
+            typer.echo(f"error: tenant {tenant!r} has no live key {key_id!r}", err=True)
+            raise typer.Exit(1)
+        if limit or clear:
+            try:
+                key = store.limits.set_key_limits(t.id, key_id, merged_limits(key.limits, limit or [], clear))
+            except NotFound as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from None
+            _announce()
+        typer.echo(f"{key_id}: {_show(key.limits)}")
+    finally:
+        store.close()

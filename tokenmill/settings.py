@@ -60,6 +60,13 @@ class Settings:
     # OTLP/HTTP collector to send traces to (also read from the standard OTEL_EXPORTER_OTLP_ENDPOINT);
     # empty: no tracing
     otel_endpoint: str = ""
+    # tenancy (docs/tenancy.md)
+    budget_status: int = 429  # HTTP status of a request refused by a token budget: 429 or 402
+    retention_days: int = 30  # finished jobs, results, files and batches older than this are purged
+    purge_interval_s: float = 3600.0  # how often the API purges work past its retention (<= 0: never)
+    webhook_allow_private: bool = False  # allow webhooks to loopback, link-local and private addresses
+    webhook_interval_s: float = 1.0  # how often completion webhooks are queued and sent (<= 0: never)
+    settle_interval_s: float = 1.0  # how often finished jobs' token reservations are settled (<= 0: never)
     # Flower (`tokenmill flower`, and inside `tokenmill up`)
     flower_host: str = "127.0.0.1"
     flower_port: int = 5555

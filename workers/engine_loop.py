@@ -45,6 +45,8 @@ class _Add:
     future: Future
     on_delta: OnDelta | None
     submitted_at: float = 0.0  # time.monotonic() at submit (workers.path_timings: inbox)
+    tenant: str | None = None  # fair share between tenants (engine.scheduler)
+    weight: float = 1.0
 
 
 @dataclass
@@ -99,14 +101,16 @@ class EngineLoop:
 
     def submit(self, request_id: str, *, prompt: str | list[int] | None = None,
                messages: list[dict[str, Any]] | None = None, params: SamplingParams | None = None,
-               priority: int = 0, on_delta: OnDelta | None = None) -> Future:
+               priority: int = 0, on_delta: OnDelta | None = None, tenant: str | None = None,
+               weight: float = 1.0) -> Future:
         """Hands a request to the loop; the future resolves to its final RequestOutput, or raises
         ValueError (the engine rejected it), EngineCrashed or GivenBack."""
         fut: Future = Future()
         if self.crashed is not None:
             fut.set_exception(EngineCrashed(f"the engine crashed earlier: {self.crashed!r}"))
             return fut
-        self._inbox.put(_Add(request_id, prompt, messages, params, priority, fut, on_delta, time.monotonic()))
+        self._inbox.put(_Add(request_id, prompt, messages, params, priority, fut, on_delta, time.monotonic(),
+                             tenant, weight))
         return fut
 
     def abort(self, request_id: str) -> None:
@@ -152,7 +156,8 @@ class EngineLoop:
         try:
             # Only a streamed job needs an output every step; the others get their final one.
             self.engine.add_request(item.request_id, item.prompt, item.params, messages=item.messages,
-                                    priority=item.priority, stream=item.on_delta is not None)
+                                    priority=item.priority, stream=item.on_delta is not None,
+                                    tenant=item.tenant, weight=item.weight)
         except ValueError as e:
             item.future.set_exception(e)
             return

@@ -164,7 +164,8 @@ class _TaskRun:
         priority = claim.priority + (BULK_PRIORITY_OFFSET if claim.kind == "bulk" else 0)
         return self.rt.loop.submit(claim.id, prompt=request.get("prompt"), messages=request.get("messages"),
                                    params=job.params, priority=priority,
-                                   on_delta=self.rt.publish_delta if job.stream else None)
+                                   on_delta=self.rt.publish_delta if job.stream else None,
+                                   tenant=claim.tenant_id, weight=claim.tenant_weight)
 
     def _run_alone(self, job: _Job) -> None:
         """A suspect's solo run: it holds the lane until its result is stored, so that a crash

@@ -9,7 +9,19 @@ from fastapi import APIRouter, Depends, Request
 from api.auth import KeyCache, Principal, admin, announce_revocation
 from api.errors import ApiError
 from api.schemas.admin import ApiKey as ApiKeyModel
-from api.schemas.admin import ApiKeyList, CreatedApiKey, KeyCreate, Tenant, TenantCreate, TenantList, TenantRevoked
+from api.schemas.admin import (
+    ApiKeyList,
+    CreatedApiKey,
+    KeyCreate,
+    Limits,
+    Tenant,
+    TenantCreate,
+    TenantList,
+    TenantRevoked,
+    TenantSettings,
+    WebhookSecret,
+)
+from api.webhooks import WebhookUrlError, check_webhook_url
 from api.schemas.common import AUTH, BAD, CONFLICT, FORBIDDEN, MEDIA, MISSING, TOO_LARGE, responses
 from api.state import ApiState, get_state
 from store.errors import Conflict, NotFound
@@ -19,12 +31,13 @@ _COMMON = (AUTH, FORBIDDEN)
 
 
 def _tenant(t: Any) -> dict[str, Any]:
-    return {"id": t.id, "object": "tenant", "name": t.name, "created_at": t.created_at}
+    return {"id": t.id, "object": "tenant", "name": t.name, "created_at": t.created_at, "limits": t.limits or {},
+            "retention_days": t.retention_days, "webhook_url": t.webhook_url, "weight": t.weight}
 
 
 def _key(k: Any) -> dict[str, Any]:
     return {"id": k.id, "object": "api_key", "tenant_id": k.tenant_id, "name": k.name, "prefix": k.prefix,
-            "created_at": k.created_at, "revoked_at": k.revoked_at}
+            "created_at": k.created_at, "revoked_at": k.revoked_at, "limits": k.limits or {}}
 
 
 def _require_tenant(state: ApiState, tenant_id: str) -> Any:
@@ -99,3 +112,90 @@ def revoke_key(tenant_id: str, key_id: str, request: Request, _: Principal = Dep
     cache.forget_key(key_id)
     announce_revocation(state.dispatcher.redis)
     return _key(key)
+
+
+def _limits_changed(request: Request, state: ApiState, tenant_id: str) -> None:
+    """Cached keys carry their limits: every API process reads them again (as after a revocation)."""
+    cache: KeyCache = request.app.state.key_cache
+    cache.forget_tenant(tenant_id)
+    announce_revocation(state.dispatcher.redis)
+
+
+@router.get("/tenants/{tenant_id}", response_model=Tenant, summary="Read a tenant",
+            responses=responses(*_COMMON, MISSING))
+def get_tenant(tenant_id: str, _: Principal = Depends(admin), state: ApiState = Depends(get_state)) -> Any:
+    """The tenant, with its limits and retention."""
+    return _tenant(_require_tenant(state, tenant_id))
+
+
+@router.patch("/tenants/{tenant_id}", response_model=Tenant, summary="Change a tenant's settings",
+              responses=responses(BAD, *_COMMON, MISSING, TOO_LARGE, MEDIA))
+def update_tenant(tenant_id: str, body: TenantSettings, request: Request, _: Principal = Depends(admin),
+                  state: ApiState = Depends(get_state)) -> Any:
+    """Sets the fields given: ``retention_days`` (null: the operator's default), ``webhook_url``
+    (the default completion webhook of the tenant's jobs and batches; null: none) and ``weight``
+    (fair share; it applies to jobs workers claim from then on)."""
+    _require_tenant(state, tenant_id)
+    if "webhook_url" in body.model_fields_set and body.webhook_url is not None:
+        try:
+            check_webhook_url(body.webhook_url, allow_private=state.config.webhook_allow_private)
+        except WebhookUrlError as exc:
+            raise ApiError(400, str(exc), param="webhook_url", code="invalid_webhook_url") from None
+    try:
+        if body.weight is not None:
+            state.store.limits.set_weight(tenant_id, body.weight)
+        if "retention_days" in body.model_fields_set:
+            state.store.limits.set_retention(tenant_id, body.retention_days)
+        if "webhook_url" in body.model_fields_set:
+            state.store.webhooks.set_tenant_webhook(tenant_id, body.webhook_url)
+            _limits_changed(request, state, tenant_id)  # cached keys carry the default webhook too
+    except NotFound:
+        raise ApiError(404, f"no tenant {tenant_id!r}", code="tenant_not_found") from None
+    return _tenant(_require_tenant(state, tenant_id))
+
+
+@router.put("/tenants/{tenant_id}/limits", response_model=Tenant, summary="Set a tenant's limits",
+            responses=responses(BAD, *_COMMON, MISSING, TOO_LARGE, MEDIA))
+def set_tenant_limits(tenant_id: str, body: Limits, request: Request, _: Principal = Depends(admin),
+                      state: ApiState = Depends(get_state)) -> Any:
+    """Replaces the tenant's limits (a field left out: no limit); every API process applies them at
+    once."""
+    try:
+        t = state.store.limits.set_tenant_limits(tenant_id, body.stored())
+    except NotFound:
+        raise ApiError(404, f"no tenant {tenant_id!r}", code="tenant_not_found") from None
+    _limits_changed(request, state, tenant_id)
+    return _tenant(t)
+
+
+@router.put("/tenants/{tenant_id}/keys/{key_id}/limits", response_model=ApiKeyModel, summary="Set a key's limits",
+            responses=responses(BAD, *_COMMON, MISSING, TOO_LARGE, MEDIA))
+def set_key_limits(tenant_id: str, key_id: str, body: Limits, request: Request, _: Principal = Depends(admin),
+                   state: ApiState = Depends(get_state)) -> Any:
+    """Replaces one key's own limits, which apply on top of its tenant's."""
+    try:
+        k = state.store.limits.set_key_limits(tenant_id, key_id, body.stored())
+    except NotFound:
+        raise ApiError(404, f"no key {key_id!r} for tenant {tenant_id!r}", code="key_not_found") from None
+    _limits_changed(request, state, tenant_id)
+    return _key(k)
+
+
+@router.get("/tenants/{tenant_id}/webhook-secret", response_model=WebhookSecret,
+            summary="Read a tenant's webhook signing secret", responses=responses(*_COMMON, MISSING))
+def webhook_secret(tenant_id: str, _: Principal = Depends(admin), state: ApiState = Depends(get_state)) -> Any:
+    """The secret the tenant's webhook deliveries are signed with (made on first use)."""
+    try:
+        return {"tenant_id": tenant_id, "secret": state.store.webhooks.secret(tenant_id)}
+    except NotFound:
+        raise ApiError(404, f"no tenant {tenant_id!r}", code="tenant_not_found") from None
+
+
+@router.post("/tenants/{tenant_id}/webhook-secret", response_model=WebhookSecret,
+             summary="Rotate a tenant's webhook signing secret", responses=responses(*_COMMON, MISSING))
+def rotate_webhook_secret(tenant_id: str, _: Principal = Depends(admin), state: ApiState = Depends(get_state)) -> Any:
+    """Replaces the signing secret; deliveries from now on are signed with the new one."""
+    try:
+        return {"tenant_id": tenant_id, "secret": state.store.webhooks.secret(tenant_id, rotate=True)}
+    except NotFound:
+        raise ApiError(404, f"no tenant {tenant_id!r}", code="tenant_not_found") from None

@@ -8,19 +8,30 @@ from fastapi import APIRouter, Depends, Query
 
 from api.auth import Principal, tenant
 from api.errors import ApiError
-from api.formats import unix
+from api.formats import unix, webhook_view
+from api.routes.jobs import checked_webhook
 from api.schemas.batches import Batch, BatchCreate, BatchList
 from api.schemas.common import AUTH, BAD, MEDIA, MISSING, TOO_LARGE, UNAVAILABLE, responses
 from api.state import ApiState, get_state
+from store import Store
 from store.errors import NotFound
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 
 def batch_object(state: ApiState, b: Any) -> dict[str, Any]:
+    """A stored batch in OpenAI's shape, with live request counts, token usage and webhook state."""
+    out = batch_json(state.store, b)
+    if b.webhook_url:
+        out["webhook"] = webhook_view(state.store.webhooks.delivery_of(b.tenant_id, batch_id=b.id), b.webhook_url,
+                                      b.webhook_status)
+    return out
+
+
+def batch_json(store: Store, b: Any) -> dict[str, Any]:
     """A stored batch in OpenAI's shape, with live request counts and token usage."""
-    counts = state.store.batches.counts(b.tenant_id, b.id)
-    prompt, cached, completion = state.store.batches.token_totals(b.tenant_id, b.id)
+    counts = store.batches.counts(b.tenant_id, b.id)
+    prompt, cached, completion = store.batches.token_totals(b.tenant_id, b.id)
     errors = None
     if b.errors:
         errors = {"object": "list", "data": [{"code": e.get("code"), "message": e.get("message"), "param": None,
@@ -39,6 +50,7 @@ def batch_object(state: ApiState, b: Any) -> dict[str, Any]:
         "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
                   "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
                   "total_tokens": prompt + completion},
+        "webhook": webhook_view(None, b.webhook_url, b.webhook_status),
     }
 
 
@@ -49,10 +61,11 @@ def create_batch(body: BatchCreate, who: Principal = Depends(tenant), state: Api
     file is ingested into jobs in the background and the batch moves to ``in_progress`` (or to
     ``failed``, with per-line ``errors``)."""
     assert who.tenant_id is not None
+    webhook_url = checked_webhook(state, body.webhook_url, who)
     try:
         batch = state.store.batches.create(who.tenant_id, input_file_id=body.input_file_id, endpoint=body.endpoint,
                                            completion_window=body.completion_window, metadata=body.metadata,
-                                           api_key_id=who.key_id)
+                                           api_key_id=who.key_id, webhook_url=webhook_url)
     except NotFound as exc:
         raise ApiError(404, str(exc), param="input_file_id", code="file_not_found") from None
     except ValueError as exc:

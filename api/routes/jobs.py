@@ -14,9 +14,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.auth import Principal, tenant
-from api.convert import prepare_job
+from api.convert import Prepared, prepare_job
 from api.errors import ApiError
 from api.formats import job_full, job_summary
+from api.limits import Admission, reservation, scopes_of
+from api.webhooks import WebhookUrlError, check_webhook_url
 from api.schemas.common import (
     AUTH,
     BAD,
@@ -31,6 +33,7 @@ from api.schemas.common import (
 )
 from api.schemas.jobs import Job, JobCreate, JobList, JobStatus
 from api.state import ApiState, get_state
+from api.submit import Submitted
 from api.waiting import FINAL, Delta, Final, JobFollower, cancel_job
 from contract import tracing
 from contract.log_context import set_log_fields
@@ -80,6 +83,47 @@ def submit_span(request: Request, started: float, spec: JobSpec, tenant_id: str)
                                           "tokenmill.model": spec.model, "tokenmill.kind": spec.kind})
 
 
+async def reserve(state: ApiState, who: Principal, job_id: str, prepared: Prepared,
+                  idempotency_key: str | None) -> Admission:
+    """Counts a request against its tenant's and key's limits (api.limits), or raises their 429.
+    A request repeating an earlier job's idempotency key gets that job back, so it counts nothing."""
+    assert who.tenant_id is not None
+    scopes = scopes_of(who.tenant_id, who.key_id, who.tenant_limits, who.key_limits)
+    if not scopes:
+        return Admission(None)
+    if idempotency_key is not None and await run_in_threadpool(
+            state.store.jobs.id_for_idempotency_key, who.tenant_id, idempotency_key):
+        return Admission(None)
+    tokens = reservation(prepared.payload, prepared.prompt_tokens, prepared.max_tokens)
+    return await run_in_threadpool(state.limiter.admit, scopes, [(job_id, tokens)])
+
+
+async def submit_reserved(state: ApiState, tenant_id: str, spec: JobSpec, admission: Admission,
+                          trace: dict[str, str] | None = None) -> Submitted:
+    """Submits a job whose reservation is made; the reservation is given back if no new job was
+    stored (an idempotency key matched an earlier job, or the store failed)."""
+    try:
+        submitted = await state.submitter.submit(tenant_id, spec, trace=trace)
+    except BaseException:
+        if admission.reserved_tokens is not None:
+            await run_in_threadpool(state.limiter.release, [spec.id])
+        raise
+    if not submitted.created and admission.reserved_tokens is not None:
+        await run_in_threadpool(state.limiter.release, [spec.id])
+    return submitted
+
+
+def checked_webhook(state: ApiState, url: str | None, who: Principal) -> str | None:
+    """The webhook of a new job or batch: its own URL (checked: a 400 naming ``webhook_url`` if it
+    may not be used) or its tenant's default."""
+    if url is None:
+        return who.webhook_url
+    try:
+        return check_webhook_url(url, allow_private=state.config.webhook_allow_private)
+    except WebhookUrlError as exc:
+        raise ApiError(400, str(exc), param="webhook_url", code="invalid_webhook_url") from None
+
+
 def enqueue_failed(job_id: str) -> ApiError:
     """503 for a job that is stored but whose task Redis refused."""
     return ApiError(503, f"job {job_id} is stored (queued) but the queue is unavailable; it will be sent when "
@@ -101,17 +145,23 @@ async def create_job(body: JobCreate, request: Request, response: Response, who:
     assert who.tenant_id is not None
     started = time.time()
     prepared = prepare_job(body, state.registry)
+    webhook_url = await run_in_threadpool(checked_webhook, state, body.webhook_url, who)  # may resolve DNS
     await admit(state, prepared.model)
     deadline = body.deadline
     if body.timeout_s is not None:
         deadline = datetime.now(UTC) + timedelta(seconds=body.timeout_s)
+    job_id = new_id("job_")
+    idempotency_key = body.idempotency_key or idempotency_key or None
+    admission = await reserve(state, who, job_id, prepared, idempotency_key)
+    response.headers.update(admission.headers)
     spec = JobSpec(model=prepared.model, request=prepared.payload, priority=body.priority, api_key_id=who.key_id,
-                   idempotency_key=body.idempotency_key or idempotency_key or None, expires_at=deadline,
-                   id=new_id("job_"))
+                   idempotency_key=idempotency_key, expires_at=deadline,
+                   id=job_id, reserved_tokens=admission.reserved_tokens, webhook_url=webhook_url)
     received = datetime.now(UTC)
     span = submit_span(request, started, spec, who.tenant_id)
     try:
-        submitted = await state.submitter.submit(who.tenant_id, spec, trace=tracing.carrier(span) if span else None)
+        submitted = await submit_reserved(state, who.tenant_id, spec, admission,
+                                         trace=tracing.carrier(span) if span else None)
     finally:
         if span is not None:
             tracing.end(span)
@@ -122,7 +172,8 @@ async def create_job(body: JobCreate, request: Request, response: Response, who:
         job = await run_in_threadpool(state.store.jobs.get_job, who.tenant_id, submitted.id)
         if job is None:  # deleted between the write and the read: nothing sensible to show
             raise ApiError(404, f"no job {submitted.id!r}", code="job_not_found")
-        return JSONResponse(await run_in_threadpool(_full_json, state, who.tenant_id, job), status_code=200)
+        return JSONResponse(await run_in_threadpool(_full_json, state, who.tenant_id, job), status_code=200,
+                            headers=admission.headers)
     state.metrics.jobs_accepted.inc()
     set_log_fields(job_id=submitted.id)
     log.info("job accepted: model %s, %s", spec.model, spec.kind)
@@ -134,9 +185,12 @@ async def create_job(body: JobCreate, request: Request, response: Response, who:
             "priority": spec.priority, "attempts": 0, "created_at": received.isoformat(), "started_at": None,
             "finished_at": None, "expires_at": spec.expires_at.isoformat() if spec.expires_at else None,
             "batch_id": None, "custom_id": None, "idempotency_key": spec.idempotency_key, "error": None,
-            "request": spec.request, "result": None, "usage": None, "timings": None}
+            "request": spec.request, "result": None, "usage": None, "timings": None,
+            "webhook": None if webhook_url is None else {
+                "url": webhook_url, "status": "pending", "attempts": 0, "last_status_code": None,
+                "last_error": None, "delivered_at": None, "next_attempt_at": None}}
     return Response(json.dumps(body, separators=(",", ":")), status_code=202, media_type="application/json",
-                    headers={"Location": f"/v1/jobs/{submitted.id}"})
+                    headers={"Location": f"/v1/jobs/{submitted.id}", **admission.headers})
 
 
 def _full_json(state: ApiState, tenant_id: str, job: Any) -> Any:
@@ -151,7 +205,9 @@ def _read(state: ApiState, tenant_id: str, job_id: str) -> dict[str, Any]:
         raise ApiError(404, f"no job {job_id!r}", code="job_not_found")
     result = state.store.jobs.get_result(tenant_id, job_id) if job.status in FINAL else None
     usage = state.store.jobs.get_usage(tenant_id, job_id) if job.status in FINAL else None
-    return job_full(job, result, usage)
+    delivery = state.store.webhooks.delivery_of(tenant_id, job_id=job_id) if job.webhook_status not in (
+        None, "pending") else None
+    return job_full(job, result, usage, delivery)
 
 
 @router.get("/{job_id}", response_model=Job, summary="Read a job",

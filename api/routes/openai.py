@@ -20,7 +20,7 @@ from api.auth import Principal, authenticate, tenant
 from api.convert import Prepared, prepare_chat, prepare_completion, served_model
 from api.errors import ApiError, error_body
 from api.formats import chat_completion, chunk, completion, finish_reason, openai_usage, usage_chunk
-from api.routes.jobs import admit, enqueue_failed, submit_span
+from api.routes.jobs import admit, enqueue_failed, reserve, submit_reserved, submit_span
 from api.schemas.common import (
     AUTH,
     BAD,
@@ -61,26 +61,29 @@ def _sse(data: Any) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _submit(request: Request, state: ApiState, tenant_id: str, spec: JobSpec, started: float) -> Any:
+async def _submit(request: Request, state: ApiState, tenant_id: str, spec: JobSpec, started: float,
+                  admission: Any) -> Any:
     """Stores and sends the job, traced from ``started`` when this process traces."""
     span = submit_span(request, started, spec, tenant_id)
     try:
-        return await state.submitter.submit(tenant_id, spec, trace=tracing.carrier(span) if span else None)
+        return await submit_reserved(state, tenant_id, spec, admission, trace=tracing.carrier(span) if span else None)
     finally:
         if span is not None:
             tracing.end(span)
 
 
-async def _run(request: Request, state: ApiState, who: Principal, prepared: Prepared, *, chat: bool,
-               stream: bool, include_usage: bool, priority: int, idempotency_key: str | None) -> Any:
+async def _run(request: Request, response: Response, state: ApiState, who: Principal, prepared: Prepared, *,
+               chat: bool, stream: bool, include_usage: bool, priority: int, idempotency_key: str | None) -> Any:
     assert who.tenant_id is not None
     started = time.time()
     await admit(state, prepared.model)
     job_id = new_id("job_")
+    admission = await reserve(state, who, job_id, prepared, idempotency_key)
+    response.headers.update(admission.headers)
     spec = JobSpec(model=prepared.model, request=prepared.payload, priority=priority, api_key_id=who.key_id,
-                   idempotency_key=idempotency_key, id=job_id)
+                   idempotency_key=idempotency_key, id=job_id, reserved_tokens=admission.reserved_tokens)
     if not stream:
-        submitted = await _submit(request, state, who.tenant_id, spec, started)
+        submitted = await _submit(request, state, who.tenant_id, spec, started, admission)
         if submitted.created and not submitted.enqueued:
             raise enqueue_failed(submitted.id)
         state.metrics.jobs_accepted.inc(int(submitted.created))
@@ -102,7 +105,7 @@ async def _run(request: Request, state: ApiState, who: Principal, prepared: Prep
     follower = JobFollower(state, request.app.state.aioredis, who.tenant_id, job_id)
     await follower.subscribe()
     try:
-        submitted = await _submit(request, state, who.tenant_id, spec, started)
+        submitted = await _submit(request, state, who.tenant_id, spec, started, admission)
         if submitted.id != job_id:  # an idempotency key matched an earlier job: follow that one
             await follower.close()
             follower = JobFollower(state, request.app.state.aioredis, who.tenant_id, submitted.id)
@@ -117,7 +120,7 @@ async def _run(request: Request, state: ApiState, who: Principal, prepared: Prep
     return StreamingResponse(_chunks(state, who.tenant_id, follower, prepared.model, chat, include_usage),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                      "x-tokenmill-job-id": submitted.id})
+                                      "x-tokenmill-job-id": submitted.id, **admission.headers})
 
 
 async def _chunks(state: ApiState, tenant_id: str, follower: JobFollower, model: str, chat: bool,
@@ -164,27 +167,27 @@ async def _chunks(state: ApiState, tenant_id: str, follower: JobFollower, model:
 
 @router.post("/v1/completions", response_model=Completion, summary="Create a completion (OpenAI)",
              responses=responses({200: _STREAM}, *_ERRORS))
-async def completions(body: CompletionRequest, request: Request, who: Principal = Depends(tenant),
+async def completions(body: CompletionRequest, request: Request, response: Response, who: Principal = Depends(tenant),
                       state: ApiState = Depends(get_state),
                       idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> Any:
     """OpenAI's legacy completions: one prompt, one choice; ``stream: true`` streams chunks."""
     stream = bool(body.stream)
     prepared = prepare_completion(body, state.registry, stream=stream)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _run(request, state, who, prepared, chat=False, stream=stream, include_usage=include_usage,
+    return await _run(request, response, state, who, prepared, chat=False, stream=stream, include_usage=include_usage,
                       priority=body.priority or 0, idempotency_key=idempotency_key)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, summary="Create a chat completion (OpenAI)",
              responses=responses({200: _STREAM}, *_ERRORS))
-async def chat_completions(body: ChatCompletionRequest, request: Request, who: Principal = Depends(tenant),
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response, who: Principal = Depends(tenant),
                            state: ApiState = Depends(get_state),
                            idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> Any:
     """OpenAI's chat completions (text messages, one choice); ``stream: true`` streams chunks."""
     stream = bool(body.stream)
     prepared = prepare_chat(body, state.registry, default_max_tokens=state.config.default_max_tokens, stream=stream)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _run(request, state, who, prepared, chat=True, stream=stream, include_usage=include_usage,
+    return await _run(request, response, state, who, prepared, chat=True, stream=stream, include_usage=include_usage,
                       priority=body.priority or 0, idempotency_key=idempotency_key)
 
 

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from api.schemas.common import WebhookState
+
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
 ]
@@ -23,6 +25,9 @@ class BatchCreate(BaseModel):
         "24h", description="hours, like '24h'")
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16)
+    webhook_url: str | None = Field(
+        None, min_length=1, max_length=2000,
+        description="POSTed the batch (signed, Standard Webhooks) once it ends; default: the tenant's")
 
 
 class BatchError(BaseModel):
@@ -95,6 +100,7 @@ class Batch(BaseModel):
     request_counts: RequestCounts
     metadata: dict[str, str] | None = None
     usage: BatchUsage | None = None
+    webhook: WebhookState | None = None
 
 
 class BatchList(BaseModel):

@@ -32,6 +32,19 @@ class DeletedObject(BaseModel):
     deleted: bool
 
 
+class WebhookState(BaseModel):
+    """Where a job's or batch's completion webhook goes and how its delivery stands: ``pending``
+    (not final yet), ``queued``, ``retrying``, ``delivered`` or ``failed`` (gave up after 24 h)."""
+
+    url: str
+    status: str | None = None
+    attempts: int = 0
+    last_status_code: int | None = None
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+
+
 def _err(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"model": ErrorResponse, "description": description}
     if headers:
@@ -46,7 +59,9 @@ BAD = {400: _err("invalid request: the message and `param` name the field")}
 MISSING = {404: _err("no such object for this tenant")}
 TOO_LARGE = {413: _err("request body over the size limit")}
 MEDIA = {415: _err("wrong Content-Type")}
-BUSY = {429: _err("the model's queue is full; retry after Retry-After seconds", _RETRY)}
+BUSY = {429: _err("the model's queue is full, or a rate, queue or token budget limit of the tenant or key is "
+                  "reached (code says which; a budget answers 402 where the operator chose so); retry after "
+                  "Retry-After seconds", _RETRY)}
 UNAVAILABLE = {503: _err("database or Redis unavailable; the job, if any, was stored and will run", _RETRY)}
 CONFLICT = {409: _err("the object is not in a state that allows this")}
 TIMEOUT = {504: _err("the job did not finish within the synchronous wait; poll it with GET /v1/jobs/{id}")}

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from api.schemas.common import no_nul
+from api.schemas.common import WebhookState, no_nul
 from api.schemas.messages import Messages
 from api.schemas.sampling import SamplingParams, TokenId
 
@@ -32,6 +32,9 @@ class JobCreate(BaseModel):
     deadline: AwareDatetime | None = Field(None, description="past this time the job is expired instead of run")
     timeout_s: float | None = Field(None, gt=0, le=30 * 86400, description="deadline as seconds from now")
     stream: bool = Field(False, description="publish the text as it is generated (GET /v1/jobs/{id}/events)")
+    webhook_url: str | None = Field(
+        None, min_length=1, max_length=2000,
+        description="POSTed the job (signed, Standard Webhooks) once it is final; default: the tenant's")
 
     _storable_key = field_validator("idempotency_key")(no_nul)
 
@@ -116,6 +119,7 @@ class Job(JobSummary):
     result: JobResult | None = None
     usage: JobUsage | None = None
     timings: JobTimings | None = None
+    webhook: WebhookState | None = None
 
 
 class JobList(BaseModel):

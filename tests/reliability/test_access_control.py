@@ -56,6 +56,11 @@ ROUTES: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/admin/tenants/{tenant_id}"): ADMIN, ("POST", "/v1/admin/tenants/{tenant_id}/keys"): ADMIN,
     ("GET", "/v1/admin/tenants/{tenant_id}/keys"): ADMIN,
     ("DELETE", "/v1/admin/tenants/{tenant_id}/keys/{key_id}"): ADMIN,
+    ("GET", "/v1/admin/tenants/{tenant_id}"): ADMIN, ("PATCH", "/v1/admin/tenants/{tenant_id}"): ADMIN,
+    ("PUT", "/v1/admin/tenants/{tenant_id}/limits"): ADMIN,
+    ("PUT", "/v1/admin/tenants/{tenant_id}/keys/{key_id}/limits"): ADMIN,
+    ("GET", "/v1/admin/tenants/{tenant_id}/webhook-secret"): ADMIN,
+    ("POST", "/v1/admin/tenants/{tenant_id}/webhook-secret"): ADMIN,
 }
 
 
@@ -159,6 +164,8 @@ def _request(client: httpx.Client, method: str, path: str, o: Owned, *, missing:
         kw["json"] = {"name": f"intruder-{uuid.uuid4().hex[:6]}"}
     elif (method, path) == ("POST", "/v1/admin/tenants/{tenant_id}/keys"):
         kw["json"] = {"name": "intruder"}
+    elif method in ("PUT", "PATCH") and path.startswith("/v1/admin/"):
+        kw["json"] = {}
     elif (method, path) == ("GET", "/v1/jobs"):
         kw["params"] = {"batch_id": o.batch_id} if variant == "by_batch" else {}
     elif (method, path) == ("GET", "/v1/batches"):
