@@ -93,6 +93,10 @@ class FinishedJob:
     # n > 1: every completion as {"index", "text", "finish_reason", "token_ids", "logprobs"} (the
     # fields above are the first one's; the token counts are the job's, every completion's)
     choices: list[dict[str, Any]] | None = None
+    # The worker process that ran it: when given, the result is recorded only while the job is
+    # still claimed by that instance (a worker presumed dead, whose jobs were taken over, writes
+    # nothing: docs/reliability.md, fencing). None: recorded whoever holds the job.
+    worker_instance: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class RecordOutcome:
     recorded: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
+    fenced: list[str] = field(default_factory=list)  # no longer claimed by the writer's instance
 
 
 @dataclass(frozen=True)
