@@ -11,11 +11,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis
 
+from contract.liveness import Heartbeat, live_instances, new_instance_id
 from contract.redis_keys import CANCEL_CHANNEL, STREAM_CHANNEL, WORKER_STATS_KEY, WORKER_STATS_TTL_S
 from engine import Engine, EngineStats, RequestOutput
 from store import Store
@@ -35,6 +36,7 @@ class WorkerConfig:
     hostname: str
     device_label: str
     redis_url: str
+    instance: str = ""  # this process's instance id (contract.liveness); new on every start
     max_attempts: int = 3  # see workers.suspects
     fault_crash_marker: str = ""  # test only (workers.faults)
 
@@ -60,6 +62,8 @@ class WorkerRuntime:
     """The long-lived parts of a worker, shared by all of its task threads."""
 
     def __init__(self, config: WorkerConfig, engine: Engine, store: Store) -> None:
+        if not config.instance:
+            config = replace(config, instance=new_instance_id())
         self.config = config
         self.store = store
         self.redis = redis.Redis.from_url(config.redis_url)
@@ -80,9 +84,14 @@ class WorkerRuntime:
         self._cancel_thread = threading.Thread(target=self._listen_cancels, name="cancel-listener",
                                                daemon=True)
         self._stopping = False
+        # Liveness (docs/reliability.md): renewed from its own thread; when renewals come back
+        # after a lapse, the jobs that other workers took over meanwhile are dropped here.
+        self.heartbeat = Heartbeat(config.redis_url, config.instance, config.hostname,
+                                   on_restored=self.drop_taken_over)
         self.last_figures: dict[str, Any] = {}  # the latest engine figures (read by workers.engine_events)
 
     def start(self) -> "WorkerRuntime":
+        self.heartbeat.start()  # before any task can be delivered to this instance
         self.writer.start()
         self.loop.start()
         self._cancel_thread.start()
@@ -96,6 +105,7 @@ class WorkerRuntime:
             self._grace_timer.cancel()
         self.loop.stop()
         self.writer.stop()
+        self.heartbeat.stop(forget=True)
         try:
             self.redis.delete(WORKER_STATS_KEY.format(hostname=self.config.hostname))
         except redis.RedisError:
@@ -115,6 +125,29 @@ class WorkerRuntime:
                 else:
                     others.append(held)
         return Holding(mine, others)
+
+    def held_ids(self) -> list[str]:
+        """The jobs this process runs now."""
+        with self._held_lock:
+            return list(self._held)
+
+    def live(self, instances: set[str]) -> set[str]:
+        """Which of the worker instances have a heartbeat (this one always counts as live)."""
+        others = instances - {self.config.instance}
+        return live_instances(self.redis, others) | (instances & {self.config.instance})
+
+    def drop_taken_over(self) -> None:
+        """After a heartbeat lapse: stops the held jobs that the store no longer has as this
+        instance's (another worker took them over); their results would not count anyway."""
+        held = self.held_ids()
+        if not held:
+            return
+        lost = set(held) - self.store.jobs.claimed_by(held, self.config.instance)
+        for job_id in sorted(lost):
+            self.loop.abort(job_id)
+        if lost:
+            log.warning("%d job(s) of this worker were taken over while it was cut off from Redis: stopped "
+                        "here, they run on another worker", len(lost))
 
     def release(self, holding: Holding) -> None:
         """The task is done with its jobs; copies of it waiting on them may go on."""
@@ -208,5 +241,6 @@ class WorkerRuntime:
                          "tasks to be redelivered", error, len(in_flight), self.config.hostname)
             if in_flight and self.alone_job not in in_flight:
                 self.suspects.record_crash(in_flight)
+            self.heartbeat.stop(forget=True)  # the other workers recover its tasks at once
         finally:
             os._exit(70)
