@@ -2,8 +2,8 @@
 seconds after their heartbeat stops, instead of after the visibility timeout.
 
 Each pass (every second) reads which worker instance holds each delivered, unacknowledged task
-(`contract.liveness.dead_holders`). An instance whose heartbeat is gone on two passes at least
-``confirm_s`` apart is dead (a Redis that was paused expires every heartbeat at once when it
+(`contract.liveness.dead_holders`). An instance whose heartbeat is gone on passes at least
+``confirm_s`` apart (3 s) is dead (a Redis that was paused expires every heartbeat at once when it
 resumes; live workers renew theirs within a second, so one missing look proves nothing). For each
 dead instance, in this order:
 
@@ -34,7 +34,9 @@ from store import Store
 log = logging.getLogger(__name__)
 
 RECOVERY_INTERVAL_S = 1.0
-CONFIRM_S = 2.0 * HEARTBEAT_INTERVAL_S  # a heartbeat missing this long after first seen missing
+# A heartbeat missing this long after it was first seen missing: longer than a live worker takes to
+# renew its own (an interval, plus a renewal that timed out) once a paused Redis resumes.
+CONFIRM_S = 3.0 * HEARTBEAT_INTERVAL_S
 
 
 class Recoverer:
@@ -65,6 +67,7 @@ class Recoverer:
         """One pass; returns what it did."""
         done: dict[str, Any] = {"instances": [], "jobs": 0, "tasks": 0}
         if self._own_lapsed():
+            self._missing_since.clear()  # what was seen while cut off proves nothing
             return done
         dead = dead_holders(self._redis)
         now = time.monotonic()
