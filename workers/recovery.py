@@ -99,10 +99,11 @@ class Recoverer:
 
 def kombu_restorer(app: Any) -> Callable[[str], None]:
     """Restores one delivery tag with kombu's own transaction (the same message, back at the front
-    of its queue and priority), on a connection of the app's pool."""
+    of its queue and priority: kombu sends with LPUSH and consumes with BRPOP, so the front is the
+    right end, where its own visibility-timeout restore puts messages too)."""
 
     def restore(tag: str) -> None:
         with app.connection_for_write() as conn:
-            conn.default_channel.qos.restore_by_tag(tag, leftmost=True)
+            conn.default_channel.qos.restore_by_tag(tag, leftmost=False)
 
     return restore
