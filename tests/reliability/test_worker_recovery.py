@@ -62,6 +62,7 @@ def test_sigkilled_worker_restarted_under_the_same_name_gets_its_jobs_back_withi
     ready = time.monotonic()
     again = wait_running_again(rel_store, held, attempts, timeout=RUNNING_AGAIN_WITHIN_S)
     final = wait_final(rel_store, rel_tenant, len(ids), timeout=120)
+    worker.terminate()  # the module's next test counts on its own workers only
     assert final == {"succeeded": len(ids)}, dict(final)
     assert_each_stored_once(rel_store, ids, bodies)
     print(f"{len(held)} held jobs: running again {again - killed:.1f}s after the SIGKILL, "
@@ -74,6 +75,7 @@ def test_worker_cut_off_from_redis_loses_its_jobs_to_another_and_writes_no_secon
     bodies = payloads(rng, 24, (4, 12), (120, 160))
     url = urlparse(rel_redis_url)
     proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
+    cut = other = None
     try:
         # One sequence at a time in the cut-off worker's engine (TOKENMILL_MAX_NUM_SEQS, default:
         # sized from the device): its jobs then stay in its hands long enough for the cut to
@@ -95,6 +97,9 @@ def test_worker_cut_off_from_redis_loses_its_jobs_to_another_and_writes_no_secon
         assert cut.alive(), cut.log()
     finally:
         proxy.close()
+        for w in (cut, other):
+            if w is not None:
+                w.terminate()
     assert_each_stored_once(rel_store, ids, bodies)
     with rel_store.db.read() as s:
         by_worker = {u.job_id: u.worker for u in s.scalars(select(Usage).where(Usage.job_id.in_(ids)))}
