@@ -64,8 +64,8 @@ def run_worker(opts: WorkerOptions) -> None:
     from celery import signals
 
     from contract.celery_app import QueueConfig, declare_queues, make_celery
-    from contract.queues import queue_for
     from contract.liveness import new_instance_id
+    from contract.queues import queue_for
     from engine import Engine
     from store.facade import Store
     from workers.engine_events import install_engine_figures

@@ -88,6 +88,9 @@ class WorkerRuntime:
         # after a lapse, the jobs that other workers took over meanwhile are dropped here.
         self.heartbeat = Heartbeat(config.redis_url, config.instance, config.hostname,
                                    on_restored=self.drop_taken_over)
+        # Claims ask it whether a job's instance lives: bounded, so a hung Redis fails the claim
+        # (retried, then the task goes back) instead of blocking it.
+        self._liveness = redis.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.last_figures: dict[str, Any] = {}  # the latest engine figures (read by workers.engine_events)
 
     def start(self) -> "WorkerRuntime":
@@ -134,7 +137,7 @@ class WorkerRuntime:
     def live(self, instances: set[str]) -> set[str]:
         """Which of the worker instances have a heartbeat (this one always counts as live)."""
         others = instances - {self.config.instance}
-        return live_instances(self.redis, others) | (instances & {self.config.instance})
+        return live_instances(self._liveness, others) | (instances & {self.config.instance})
 
     def drop_taken_over(self) -> None:
         """After a heartbeat lapse: stops the held jobs that the store no longer has as this
