@@ -284,7 +284,7 @@ class JobStore:
             running: list[tuple[datetime, OpenJob]] = []
             for tenant_id in tenants:
                 stmt = (
-                    select(Job.started_at, Job.id, Job.model, Job.kind, Job.status, Job.worker)
+                    select(Job.started_at, Job.id, Job.model, Job.kind, Job.status, Job.worker, Job.worker_instance)
                     .where(Job.tenant_id == tenant_id, Job.status == "running", Job.started_at < running_before)
                     .order_by(Job.created_at)
                     .limit(limit)

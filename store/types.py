@@ -59,13 +59,15 @@ class JobClaim:
 @dataclass(frozen=True)
 class OpenJob:
     """A job that has waited or run for a while, as the reconciler sees it: enough to tell whether
-    its task is still in Redis and to send it again (``worker``: who claimed it, when running)."""
+    its task is still in Redis and to send it again (``worker``, ``worker_instance``: who claimed
+    it, when running)."""
 
     id: str
     model: str
     kind: str
     status: str
     worker: str | None
+    worker_instance: str | None = None
 
 
 @dataclass(frozen=True)
