@@ -22,6 +22,14 @@ from contract.redis_keys import CANCEL_CHANNEL, WORKER_STATS_PATTERN, worker_of
 log = logging.getLogger(__name__)
 
 UNACKED_KEY = "unacked"  # kombu's Redis transport: tasks delivered to a worker, not yet acknowledged
+# A Redis that hangs (paused, a link that drops packets) rather than refuses: every call from a
+# request is bounded by these, so an API answer never waits on Redis for more than about
+# 2 x REDIS_TIMEOUT_S (a publish is tried twice); after a failure, Redis is only probed (a PING
+# bounded by REDIS_PROBE_S) before each call for REDIS_BACKOFF_S, so the requests meanwhile answer
+# at once (503, the job stored) while it hangs, and go through as soon as it answers again.
+REDIS_TIMEOUT_S = 2.0
+REDIS_PROBE_S = 0.25
+REDIS_BACKOFF_S = 5.0
 # Take the lock if it is free, or renew it if the caller's token holds it.
 _HOLD_LOCK = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -78,28 +86,58 @@ class Dispatcher:
 
     def __init__(self, redis_url: str, *, visibility_timeout_s: int = 3600, depth_cache_s: float = 0.25) -> None:
         self.celery: Celery = make_celery(QueueConfig(redis_url=redis_url, visibility_timeout_s=visibility_timeout_s))
-        # Fail fast when Redis is down: the caller answers 503 and the job waits in the store.
+        # Fail fast when Redis is down or hangs: the caller answers 503 and the job waits in the store.
         self.celery.conf.broker_transport_options = {
             **self.celery.conf.broker_transport_options,
-            "socket_connect_timeout": 2,
-            "socket_timeout": 5,
+            "socket_connect_timeout": REDIS_TIMEOUT_S,
+            "socket_timeout": REDIS_TIMEOUT_S,
         }
         self.celery.conf.task_publish_retry_policy = {
             "max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2,
         }
-        self.celery.conf.broker_connection_timeout = 2
-        self.redis = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+        self.celery.conf.broker_connection_timeout = REDIS_TIMEOUT_S
+        self.redis = redis.Redis.from_url(redis_url, socket_connect_timeout=REDIS_TIMEOUT_S,
+                                          socket_timeout=REDIS_TIMEOUT_S)
+        self._probe = redis.Redis.from_url(redis_url, socket_connect_timeout=REDIS_PROBE_S,
+                                           socket_timeout=REDIS_PROBE_S)
+        self._down_until = 0.0  # monotonic: until then, Redis is probed before a request waits on it
         self._hold = self.redis.register_script(_HOLD_LOCK)
         self._depth_cache_s = depth_cache_s
         self._depths: dict[str, tuple[float, QueueDepth]] = {}
         self._lock = threading.Lock()
 
+    # -- Redis's health, as the requests see it -------------------------------------------------
+    @property
+    def redis_suspect(self) -> bool:
+        """True for a while after a Redis call failed or timed out: Redis is probed before use."""
+        return time.monotonic() < self._down_until
+
+    def _failed(self, exc: BaseException) -> None:
+        if not self.redis_suspect:
+            log.warning("Redis did not answer (%r): it is probed (%.2fs at most) before each call for the next "
+                        "%.0fs", exc, REDIS_PROBE_S, REDIS_BACKOFF_S)
+        self._down_until = time.monotonic() + REDIS_BACKOFF_S
+
+    def _check(self) -> None:
+        """Raises QueueUnavailable at once when Redis failed a moment ago and still does not answer a
+        short PING; a Redis that answers again is used at once."""
+        if not self.redis_suspect:
+            return
+        try:
+            self._probe.ping()
+        except redis.RedisError as exc:
+            self._failed(exc)
+            raise QueueUnavailable(f"Redis does not answer ({exc!r})") from exc
+        self._down_until = 0.0
+
     # -- sending ---------------------------------------------------------------------------------
     def send(self, job_id: str, model: str, *, bulk: bool = False) -> None:
         """Enqueues one stored job. Raises QueueUnavailable when Redis refuses."""
+        self._check()
         try:
             send_job(self.celery, job_id, model, bulk=bulk)
         except Exception as exc:
+            self._failed(exc)
             raise QueueUnavailable(str(exc)) from exc
 
     def send_many(self, jobs: list[tuple[str, str, bool]], *, headers: list[dict[str, str] | None] | None = None) -> int:
@@ -114,6 +152,10 @@ class Dispatcher:
         """
         now = time.time()
         try:
+            self._check()
+        except QueueUnavailable:
+            return 0
+        try:
             with self.celery.producer_or_acquire() as producer, producer.batch(max_size=2 * len(jobs) + 8):
                 for i, (job_id, model, bulk) in enumerate(jobs):
                     task = job_task(job_id, model, bulk=bulk, enqueued_at=now,
@@ -121,6 +163,7 @@ class Dispatcher:
                     self.celery.send_task(**task, producer=producer)
         except Exception as exc:
             log.warning("Redis refused a group of %d tasks: %r", len(jobs), exc)
+            self._failed(exc)
             return 0
         return len(jobs)
 
@@ -134,9 +177,11 @@ class Dispatcher:
 
     def send_bulk(self, job_ids: list[str], model: str) -> None:
         """Enqueues stored bulk jobs in chunks. Raises QueueUnavailable when Redis refuses."""
+        self._check()
         try:
             send_bulk(self.celery, job_ids, model)
         except Exception as exc:
+            self._failed(exc)
             raise QueueUnavailable(str(exc)) from exc
 
     def cancel(self, job_id: str) -> None:
@@ -157,11 +202,16 @@ class Dispatcher:
                 hit = self._depths.get(queue)
             if hit is not None and now - hit[0] < self._depth_cache_s:
                 return hit[1]
+        self._check()
         pipe = self.redis.pipeline(transaction=False)
         lists = priority_lists(queue)
         for _, name in lists:
             pipe.llen(name)
-        lengths = pipe.execute()
+        try:
+            lengths = pipe.execute()
+        except redis.RedisError as exc:
+            self._failed(exc)
+            raise
         interactive = sum(n for (p, _), n in zip(lists, lengths) if p != PRIORITY_BULK)
         bulk = sum(n for (p, _), n in zip(lists, lengths) if p == PRIORITY_BULK)
         depth = QueueDepth(queue, interactive, bulk)
@@ -171,6 +221,7 @@ class Dispatcher:
 
     def workers(self) -> list[dict[str, Any]]:
         """The live workers' figures (each worker refreshes its hash every second, with a TTL)."""
+        self._check()
         out = []
         for key in self.redis.scan_iter(match=WORKER_STATS_PATTERN, count=100):
             fields = self.redis.hgetall(key)
@@ -226,5 +277,6 @@ class Dispatcher:
         """Closes the connections."""
         try:
             self.redis.close()
+            self._probe.close()
         finally:
             self.celery.close()

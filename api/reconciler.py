@@ -12,7 +12,8 @@ How a job's task goes missing:
 Each pass (every ``interval_s``, in one API process at a time: a renewable Redis lock) reads from
 the store the jobs open for longer than ``min_age_s`` (``queued`` ones, a batch's ones once the
 batch has been ``in_progress`` that long; ``running`` ones whose worker publishes no figures any
-more, i.e. is gone) and looks for their tasks in Redis: the model's queue at every priority, and
+more, i.e. is gone; or whose worker instance has no heartbeat: a worker restarted under the same
+hostname is a new instance) and looks for their tasks in Redis: the model's queue at every priority, and
 the tasks delivered to workers and not yet acknowledged. A queued job found in neither place on
 two passes in a row is sent again, with the task it had (same id, queue and priority); a running
 one once it has been missing, and its worker silent, for ``RUNNING_GRACE_S`` (15 s).
@@ -41,6 +42,7 @@ from datetime import timedelta
 from typing import Callable
 
 from api.queue import Dispatcher, QueueUnavailable
+from contract.liveness import live_instances
 from contract.redis_keys import WORKER_STATS_TTL_S
 from store import Store
 from store.sql import utcnow
@@ -104,8 +106,12 @@ class Reconciler:
         cutoff = now - timedelta(seconds=self.min_age_s)
         jobs = self._store.jobs.open_jobs_before(queued_before=cutoff, running_before=cutoff, limit=self._page)
         if any(j.status == "running" for j in jobs):
+            # A worker process is judged by its instance's heartbeat (a restart under the same
+            # hostname is another instance); a claim from before instance ids, by its hostname.
             live = {w["hostname"] for w in self._dispatcher.workers()}
-            jobs = [j for j in jobs if j.status == "queued" or j.worker not in live]
+            alive = live_instances(self._dispatcher.redis, {j.worker_instance for j in jobs if j.worker_instance})
+            jobs = [j for j in jobs if j.status == "queued"
+                    or (j.worker_instance not in alive if j.worker_instance else j.worker not in live)]
         report.open_jobs = len(jobs)
         by_model: dict[str, list[OpenJob]] = defaultdict(list)
         for j in jobs:

@@ -33,6 +33,9 @@ class QueueConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     visibility_timeout_s: int = 3600  # longer than the longest job allowed
     prefetch_multiplier: int = 1
+    # A worker process's instance id (contract.liveness): the tasks delivered to it are recorded
+    # against it. Empty for senders.
+    worker_instance: str = ""
 
 
 def make_celery(config: QueueConfig | None = None, name: str = "tokenmill") -> Celery:
@@ -54,9 +57,13 @@ def make_celery(config: QueueConfig | None = None, name: str = "tokenmill") -> C
         task_track_started=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
+            # A backstop only: a live worker keeps pushing its deliveries' time forward, and a dead
+            # instance's tasks are restored by the other workers as soon as its heartbeat is gone
+            # (workers.recovery); this catches a delivery that no instance owns.
             "visibility_timeout": config.visibility_timeout_s,
-            # How often a consuming worker looks for tasks whose worker was lost (delivered longer
-            # than the visibility timeout ago): kombu's default is every 100 s, which would dwarf a
+            "worker_instance": config.worker_instance,
+            # How often a consuming worker extends what it holds and looks for deliveries older
+            # than the visibility timeout: kombu's default is every 100 s, which would dwarf a
             # short timeout; a fraction of the timeout, at most 10 s, keeps the delay close to it.
             "unacked_restore_interval": max(1, min(10, config.visibility_timeout_s // 4)),
             "unacked_restore_throttle": 1,

@@ -19,3 +19,12 @@ def worker_of(stats_key: str | bytes) -> str:
     """The worker hostname in a `WORKER_STATS_KEY` (hostnames may hold colons themselves)."""
     key = stats_key.decode() if isinstance(stats_key, bytes) else stats_key
     return key.split(":", 2)[-1]  # the same for WORKER_METRICS_KEY
+
+# Worker liveness (contract.liveness, docs/reliability.md): every worker process has an instance id,
+# new on every start, and keeps this key alive while it lives; a key gone means the process is gone.
+INSTANCE_KEY = "tokenmill:instance:{instance}"
+HEARTBEAT_TTL_S = 5.0  # how long a heartbeat lasts unless renewed
+HEARTBEAT_INTERVAL_S = 1.0  # how often a live worker renews it
+# kombu delivery tag -> the worker instance holding that delivery (kept by contract.redis_transport
+# beside kombu's own ``unacked`` hash, in the same transaction).
+UNACKED_OWNER_KEY = "tokenmill:unacked_owner"

@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, bindparam, case, func, insert, literal_column, or_, select, update
+from sqlalchemy import Select, Table, bindparam, case, func, insert, literal_column, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from store.db import Database
@@ -50,6 +50,7 @@ def _job_row(tenant_id: str, spec: JobSpec, now: datetime) -> dict[str, Any]:
         "error_code": None if spec.error is None else spec.error[0],
         "error_message": None if spec.error is None else spec.error[1],
         "worker": None,
+        "worker_instance": None,
         "idempotency_key": spec.idempotency_key,
         "batch_id": spec.batch_id,
         "custom_id": spec.custom_id,
@@ -292,7 +293,7 @@ class JobStore:
             running: list[tuple[datetime, OpenJob]] = []
             for tenant_id in tenants:
                 stmt = (
-                    select(Job.started_at, Job.id, Job.model, Job.kind, Job.status, Job.worker)
+                    select(Job.started_at, Job.id, Job.model, Job.kind, Job.status, Job.worker, Job.worker_instance)
                     .where(Job.tenant_id == tenant_id, Job.status == "running", Job.started_at < running_before)
                     .order_by(Job.created_at)
                     .limit(limit)
@@ -317,28 +318,39 @@ class JobStore:
 
     # -- worker side (by job id) ----------------------------------------------------------------
 
-    def mark_running(self, job_ids: Sequence[str], worker: str) -> list[JobClaim]:
-        """Marks queued (or redelivered running) jobs as running on ``worker`` and counts the attempt.
+    def mark_running(self, job_ids: Sequence[str], worker: str, instance: str | None = None,
+                     takeover: Collection[str] | None = None) -> list[JobClaim]:
+        """Marks queued (or redelivered running) jobs as running on ``worker`` (process
+        ``instance``) and counts the attempt.
 
-        Returns the claims for the jobs that may run; a cancelled, finished or unknown job is left
-        out, and a job past its ``expires_at`` is marked expired and left out.
+        A running job is taken over only when ``takeover`` is None (the caller does not know who
+        lives) or its claiming instance is in ``takeover`` (known dead) or unrecorded: a job that a
+        live worker process runs is never started a second time. Returns the claims for the jobs
+        that may run; a cancelled, finished, unknown or live-owned job is left out, and a job past
+        its ``expires_at`` is marked expired and left out.
         """
         if not job_ids:
             return []
         ids = sorted(set(job_ids))
+        runnable = _JOBS.c.status.in_(ACTIVE)
+        if takeover is not None:
+            runnable = or_(_JOBS.c.status == "queued",
+                           (_JOBS.c.status == "running") & (_JOBS.c.worker_instance.is_(None)
+                                                            | _JOBS.c.worker_instance.in_(sorted(takeover))))
 
         def work(s: Session) -> list[JobClaim]:
             now = utcnow()
             late = _JOBS.c.expires_at < now
             rows = s.execute(
                 update(_JOBS)
-                .where(among(_JOBS.c.id, ids, s.get_bind().dialect.name), _JOBS.c.status.in_(ACTIVE))
+                .where(among(_JOBS.c.id, ids, s.get_bind().dialect.name), runnable)
                 .values(
                     status=case((late, "expired"), else_="running"),
                     attempts=case((late, _JOBS.c.attempts), else_=_JOBS.c.attempts + 1),
                     started_at=case((late, _JOBS.c.started_at), else_=now),
                     finished_at=case((late, now), else_=None),
                     worker=case((late, _JOBS.c.worker), else_=worker),
+                    worker_instance=case((late, _JOBS.c.worker_instance), else_=instance),
                     error_code=case((late, "expired"), else_=None),
                     error_message=case((late, "the job expired before a worker could start it"), else_=None),
                 )
@@ -364,6 +376,42 @@ class JobStore:
             return sorted(claims, key=lambda c: c.id)
 
         return self._db.transact(work)
+
+    def running_instances(self, job_ids: Sequence[str]) -> dict[str, str | None]:
+        """The claiming instance of each of the given jobs that is ``running`` (None when the claim
+        predates instance ids): what a claim checks for liveness before it takes one over."""
+        if not job_ids:
+            return {}
+        ids = sorted(set(job_ids))
+        with self._db.read() as s:
+            rows = s.execute(select(_JOBS.c.id, _JOBS.c.worker_instance)
+                             .where(among(_JOBS.c.id, ids, s.get_bind().dialect.name),
+                                    _JOBS.c.status == "running"))
+            return {job_id: instance for job_id, instance in rows}
+
+    def requeue_lost(self, instance: str) -> list[str]:
+        """Puts the jobs that the lost worker process ``instance`` was running back to ``queued``
+        (the attempt stays counted: the process died with it); returns their ids.
+
+        Conditional on the job still being ``running`` under that instance, so when several
+        recoverers act on the same lost instance each job changes once, and a job that another
+        worker has claimed since (or that finished) is left alone."""
+
+        def work(s: Session) -> list[str]:
+            rows = s.execute(
+                update(_JOBS)
+                .where(_JOBS.c.worker_instance == instance, _JOBS.c.status == "running")
+                .values(status="queued", started_at=None, worker=None, worker_instance=None)
+                .returning(_JOBS.c.id)
+            )
+            return sorted(r[0] for r in rows)
+
+        return self._db.transact(work)
+
+    def claimed_by(self, job_ids: Sequence[str], instance: str) -> set[str]:
+        """Which of the jobs are still ``running`` under ``instance`` (a worker that lost Redis for
+        a while asks which of its jobs were taken over meanwhile)."""
+        return {job_id for job_id, owner in self.running_instances(job_ids).items() if owner == instance}
 
     def record_results(self, finished: Sequence[FinishedJob]) -> RecordOutcome:
         """Records finished jobs: result, usage row, status ``succeeded`` (``expired`` for a job
@@ -416,9 +464,10 @@ class JobStore:
         """Puts running jobs back to queued (a retry after a transient failure); returns how many."""
         return self._set_status(job_ids, "queued", ("running",))
 
-    def give_back(self, job_ids: Sequence[str], worker: str) -> int:
-        """Puts jobs that ``worker`` is running back to ``queued`` without counting the attempt (a
-        worker that stops gracefully hands back what it could not finish); returns how many."""
+    def give_back(self, job_ids: Sequence[str], worker: str, instance: str | None = None) -> int:
+        """Puts jobs that ``worker`` (process ``instance``, when given) is running back to
+        ``queued`` without counting the attempt (a worker that stops gracefully hands back what it
+        could not finish); returns how many."""
         if not job_ids:
             return 0
         ids = sorted(set(job_ids))
@@ -427,9 +476,10 @@ class JobStore:
             where = among(_JOBS.c.id, ids, s.get_bind().dialect.name)
             return s.execute(
                 update(_JOBS)
-                .where(where, _JOBS.c.status == "running", _JOBS.c.worker == worker)
+                .where(where, _JOBS.c.status == "running", _JOBS.c.worker == worker,
+                       true() if instance is None else _JOBS.c.worker_instance == instance)
                 .values(status="queued", attempts=case((_JOBS.c.attempts > 0, _JOBS.c.attempts - 1), else_=0),
-                        started_at=None, worker=None)
+                        started_at=None, worker=None, worker_instance=None)
             ).rowcount
 
         return self._db.transact(work)
@@ -466,15 +516,15 @@ def _record_portable(s: Session, ids: list[str], by_id: dict[str, FinishedJob], 
     jobs = {
         row.id: row
         for row in conn.execute(
-            select(_JOBS.c.id, _JOBS.c.tenant_id, _JOBS.c.api_key_id, _JOBS.c.model, _JOBS.c.attempts).where(
-                _JOBS.c.id.in_(ids)
-            )
+            select(_JOBS.c.id, _JOBS.c.tenant_id, _JOBS.c.api_key_id, _JOBS.c.model, _JOBS.c.attempts,
+                   _JOBS.c.worker_instance).where(_JOBS.c.id.in_(ids))
         )
     }
     unknown = [i for i in ids if i not in jobs]
-    known = [i for i in ids if i in jobs]
+    fenced = [i for i in ids if i in jobs and not _owned(by_id[i], jobs[i].worker_instance)]
+    known = [i for i in ids if i in jobs and i not in fenced]
     if not known:
-        return RecordOutcome([], repeated, unknown)
+        return RecordOutcome([], repeated, unknown, fenced)
     now = utcnow()
     result_rows = [
         {
@@ -527,7 +577,12 @@ def _record_portable(s: Session, ids: list[str], by_id: dict[str, FinishedJob], 
                     .where(_JOBS.c.id.in_(ids), _JOBS.c.status.in_(ACTIVE))
                     .values(finished_at=now, **_finished_status(expired))
                 )
-    return RecordOutcome(recorded, duplicates, unknown)
+    return RecordOutcome(recorded, duplicates, unknown, fenced)
+
+
+def _owned(finished: FinishedJob, claimed_by: str | None) -> bool:
+    """Fencing: a result carrying its worker instance counts only while that instance holds the job."""
+    return finished.worker_instance is None or finished.worker_instance == claimed_by
 
 
 EXPIRED_MESSAGE = "the job reached its deadline and was stopped; its output so far is kept"
@@ -549,20 +604,25 @@ WITH input AS (
         %(token_ids)s::text[], %(logprobs)s::text[], %(choices)s::text[], %(prompt_tokens)s::int[],
         %(cached_prompt_tokens)s::int[], %(completion_tokens)s::int[], %(queue_ms)s::float8[],
         %(ttft_ms)s::float8[], %(total_ms)s::float8[], %(worker)s::varchar[], %(device)s::varchar[],
-        %(expired)s::bool[]
+        %(expired)s::bool[], %(worker_instance)s::varchar[]
     ) AS t(job_id, output_text, finish_reason, token_ids, logprobs, choices, prompt_tokens,
-           cached_prompt_tokens, completion_tokens, queue_ms, ttft_ms, total_ms, worker, device, expired)
+           cached_prompt_tokens, completion_tokens, queue_ms, ttft_ms, total_ms, worker, device, expired,
+           writer_instance)
 ), known AS (
     -- OFFSET 0 keeps the lookup a primary-key probe per finished job, whatever the statistics say
     -- (a freshly loaded jobs table has none, and a hash join would scan all of it).
-    SELECT input.*, j.tenant_id, j.api_key_id, j.model, j.attempts
+    -- owned: fencing (a result carrying its writer's instance counts only while that instance
+    -- still holds the job).
+    SELECT input.*, j.tenant_id, j.api_key_id, j.model, j.attempts,
+           (input.writer_instance IS NULL OR input.writer_instance IS NOT DISTINCT FROM j.worker_instance) AS owned
     FROM input CROSS JOIN LATERAL (
-        SELECT tenant_id, api_key_id, model, attempts FROM jobs WHERE jobs.id = input.job_id OFFSET 0
+        SELECT tenant_id, api_key_id, model, attempts, worker_instance FROM jobs
+        WHERE jobs.id = input.job_id OFFSET 0
     ) j
 ), inserted AS (
     INSERT INTO results (job_id, output_text, finish_reason, token_ids, logprobs, choices, created_at)
     SELECT job_id, output_text, finish_reason, token_ids::json, logprobs::json, choices::json, %(now)s
-    FROM known ORDER BY job_id
+    FROM known WHERE owned ORDER BY job_id
     ON CONFLICT (job_id) DO NOTHING
     RETURNING job_id
 ), counted AS (
@@ -582,7 +642,7 @@ WITH input AS (
     FROM inserted JOIN input USING (job_id)
     WHERE jobs.id = inserted.job_id AND jobs.status IN ('queued', 'running')
 )
-SELECT known.job_id, inserted.job_id IS NOT NULL FROM known LEFT JOIN inserted USING (job_id)
+SELECT known.job_id, inserted.job_id IS NOT NULL, known.owned FROM known LEFT JOIN inserted USING (job_id)
 """
 
 
@@ -610,13 +670,16 @@ def _record_postgresql(s: Session, ids: list[str], by_id: dict[str, FinishedJob]
         "worker": [f.worker[:200] for f in done],
         "device": [f.device[:64] for f in done],
         "expired": [f.expired for f in done],
+        "worker_instance": [f.worker_instance for f in done],
         "expired_message": EXPIRED_MESSAGE,
         "now": now,
         "day": now.date(),
         "hour": now.hour,
     }
-    status: dict[str, bool] = {row[0]: row[1] for row in s.connection().exec_driver_sql(_RECORD_PG, params)}
+    rows = list(s.connection().exec_driver_sql(_RECORD_PG, params))
+    status: dict[str, bool] = {row[0]: row[1] for row in rows}
+    fenced = sorted(row[0] for row in rows if not row[2])
     recorded = [i for i in ids if status.get(i) is True]
-    duplicates = [i for i in ids if status.get(i) is False] + repeated
+    duplicates = [i for i in ids if status.get(i) is False and i not in fenced] + repeated
     unknown = [i for i in ids if i not in status]
-    return RecordOutcome(recorded, duplicates, unknown)
+    return RecordOutcome(recorded, duplicates, unknown, fenced)

@@ -216,6 +216,8 @@ class Job(Base):
         Index(None, "tenant_id", "status", "created_at"),
         # Jobs finished lately (settling their token reservations) or long ago (retention).
         Index(None, "finished_at"),
+        # The recovery of a lost worker instance finds its running jobs by this.
+        Index(None, "worker_instance"),
         # Jobs by batch use the (batch_id, custom_id) unique index: one index less to maintain on
         # every status change of the hot path.
     )
@@ -232,6 +234,9 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(200))
+    # The worker process (a new id on every start, even under the same hostname) that claimed the
+    # job last: its liveness decides whether the job may be taken over (docs/reliability.md).
+    worker_instance: Mapped[str | None] = mapped_column(String(40))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     custom_id: Mapped[str | None] = mapped_column(String(200))

@@ -74,13 +74,15 @@ class JobClaim:
 @dataclass(frozen=True)
 class OpenJob:
     """A job that has waited or run for a while, as the reconciler sees it: enough to tell whether
-    its task is still in Redis and to send it again (``worker``: who claimed it, when running)."""
+    its task is still in Redis and to send it again (``worker``, ``worker_instance``: who claimed
+    it, when running)."""
 
     id: str
     model: str
     kind: str
     status: str
     worker: str | None
+    worker_instance: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,10 @@ class FinishedJob:
     # n > 1: every completion as {"index", "text", "finish_reason", "token_ids", "logprobs"} (the
     # fields above are the first one's; the token counts are the job's, every completion's)
     choices: list[dict[str, Any]] | None = None
+    # The worker process that ran it: when given, the result is recorded only while the job is
+    # still claimed by that instance (a worker presumed dead, whose jobs were taken over, writes
+    # nothing: docs/reliability.md, fencing). None: recorded whoever holds the job.
+    worker_instance: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class RecordOutcome:
     recorded: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
+    fenced: list[str] = field(default_factory=list)  # no longer claimed by the writer's instance
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ class WorkerProcess(LoggedProcess):
 
     def __init__(self, model_dir: Path, served: str, database_url: str, log_path: Path, *, redis_url: str,
                  concurrency: int = 64, visibility_timeout_s: int = 5, extra_env: dict | None = None,
-                 extra_args: list[str] | None = None) -> None:
-        self.hostname = f"{served}-{uuid.uuid4().hex[:6]}@test"
+                 extra_args: list[str] | None = None, hostname: str | None = None) -> None:
+        self.hostname = hostname or f"{served}-{uuid.uuid4().hex[:6]}@test"
         env = {"TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": redis_url,
                "TOKENMILL_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s), **(extra_env or {})}
         super().__init__(

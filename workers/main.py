@@ -73,10 +73,12 @@ def run_worker(opts: WorkerOptions) -> None:
 
     from contract import tracing
     from contract.celery_app import QueueConfig, declare_queues, make_celery
+    from contract.liveness import new_instance_id
     from contract.queues import queue_for
     from engine import Engine
     from store.facade import Store
     from workers.engine_events import install_engine_figures
+    from workers.recovery import Recoverer, kombu_restorer
     from workers.runtime import WorkerConfig, WorkerRuntime
     from workers.tasks import register_tasks
 
@@ -89,12 +91,17 @@ def run_worker(opts: WorkerOptions) -> None:
         log.warning("%s runs with random weights (--load-format dummy): its outputs are noise", opts.model)
     engine = Engine(engine_config(opts))
     store = Store.open(opts.database_url)
+    instance = new_instance_id()  # new on every start, whatever the hostname (docs/reliability.md)
     rt = WorkerRuntime(WorkerConfig(served_model=opts.served_model, hostname=hostname,
                                     device_label=device_label(opts.device), redis_url=opts.redis_url,
-                                    max_attempts=opts.max_attempts,
+                                    instance=instance, max_attempts=opts.max_attempts,
                                     fault_crash_marker=opts.fault_crash_marker), engine, store).start()
-    app = make_celery(QueueConfig(redis_url=opts.redis_url, visibility_timeout_s=opts.visibility_timeout_s))
+    app = make_celery(QueueConfig(redis_url=opts.redis_url, visibility_timeout_s=opts.visibility_timeout_s,
+                                  worker_instance=instance))
     declare_queues(app, [opts.served_model])
+    # Every live worker restores the tasks of dead ones (workers.recovery), this one included.
+    recoverer = Recoverer(opts.redis_url, store, kombu_restorer(app),
+                          own_lapsed=lambda: rt.heartbeat.lapsed).start()
     register_tasks(app, rt)
     install_engine_figures(app, rt)  # engine figures in worker stats and events (Flower)
     worker = app.Worker(
@@ -109,10 +116,12 @@ def run_worker(opts: WorkerOptions) -> None:
         rt.begin_shutdown(opts.shutdown_grace_s if how == "Warm" else 0.0)
 
     signals.worker_shutting_down.connect(on_shutting_down, weak=False)
-    log.info("worker %s ready: model %s, queue %s", hostname, opts.served_model, queue_for(opts.served_model))
+    log.info("worker %s ready (instance %s): model %s, queue %s", hostname, instance, opts.served_model,
+             queue_for(opts.served_model))
     try:
         worker.start()
     finally:
+        recoverer.stop()
         rt.stop()
         store.close()
     code = getattr(worker, "exitcode", 0) or 0

@@ -102,6 +102,9 @@ class ResultWriter:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
         recorded = set(outcome.recorded)
+        if outcome.fenced:
+            log.warning("%d result(s) not recorded: their jobs were taken over by another worker while this one "
+                        "was presumed dead (%s)", len(outcome.fenced), ", ".join(outcome.fenced[:5]))
         self.batches_written += 1
         self.jobs_written += len(recorded)
         for finished, fut, _ in items:

@@ -11,11 +11,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis
 
+from contract.liveness import Heartbeat, live_instances, new_instance_id
 from contract.redis_keys import (CANCEL_CHANNEL, STREAM_CHANNEL, WORKER_METRICS_KEY, WORKER_STATS_KEY,
                                  WORKER_STATS_TTL_S)
 from engine import Engine, EngineStats, RequestOutput
@@ -37,6 +38,7 @@ class WorkerConfig:
     hostname: str
     device_label: str
     redis_url: str
+    instance: str = ""  # this process's instance id (contract.liveness); new on every start
     max_attempts: int = 3  # see workers.suspects
     fault_crash_marker: str = ""  # test only (workers.faults)
 
@@ -62,6 +64,8 @@ class WorkerRuntime:
     """The long-lived parts of a worker, shared by all of its task threads."""
 
     def __init__(self, config: WorkerConfig, engine: Engine, store: Store) -> None:
+        if not config.instance:
+            config = replace(config, instance=new_instance_id())
         self.config = config
         self.store = store
         self.redis = redis.Redis.from_url(config.redis_url)
@@ -88,9 +92,17 @@ class WorkerRuntime:
         self._metrics_thread = threading.Thread(target=self._publish_metrics, name="metrics-publisher",
                                                 daemon=True)
         self._metrics_stop = threading.Event()
+        # Liveness (docs/reliability.md): renewed from its own thread; when renewals come back
+        # after a lapse, the jobs that other workers took over meanwhile are dropped here.
+        self.heartbeat = Heartbeat(config.redis_url, config.instance, config.hostname,
+                                   on_restored=self.drop_taken_over)
+        # Claims ask it whether a job's instance lives: bounded, so a hung Redis fails the claim
+        # (retried, then the task goes back) instead of blocking it.
+        self._liveness = redis.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.last_figures: dict[str, Any] = {}  # the latest engine figures (read by workers.engine_events)
 
     def start(self) -> "WorkerRuntime":
+        self.heartbeat.start()  # before any task can be delivered to this instance
         self.writer.start()
         self.loop.start()
         self._cancel_thread.start()
@@ -108,6 +120,7 @@ class WorkerRuntime:
         self._metrics_stop.set()
         if self._metrics_thread.is_alive():
             self._metrics_thread.join(5.0)  # its last write lands before the delete below
+        self.heartbeat.stop(forget=True)
         try:
             self.redis.delete(WORKER_STATS_KEY.format(hostname=self.config.hostname),
                               WORKER_METRICS_KEY.format(hostname=self.config.hostname))
@@ -128,6 +141,29 @@ class WorkerRuntime:
                 else:
                     others.append(held)
         return Holding(mine, others)
+
+    def held_ids(self) -> list[str]:
+        """The jobs this process runs now."""
+        with self._held_lock:
+            return list(self._held)
+
+    def live(self, instances: set[str]) -> set[str]:
+        """Which of the worker instances have a heartbeat (this one always counts as live)."""
+        others = instances - {self.config.instance}
+        return live_instances(self._liveness, others) | (instances & {self.config.instance})
+
+    def drop_taken_over(self) -> None:
+        """After a heartbeat lapse: stops the held jobs that the store no longer has as this
+        instance's (another worker took them over); their results would not count anyway."""
+        held = self.held_ids()
+        if not held:
+            return
+        lost = set(held) - self.store.jobs.claimed_by(held, self.config.instance)
+        for job_id in sorted(lost):
+            self.loop.abort(job_id)
+        if lost:
+            log.warning("%d job(s) of this worker were taken over while it was cut off from Redis: stopped "
+                        "here, they run on another worker", len(lost))
 
     def release(self, holding: Holding) -> None:
         """The task is done with its jobs; copies of it waiting on them may go on."""
@@ -230,5 +266,6 @@ class WorkerRuntime:
                          "tasks to be redelivered", error, len(in_flight), self.config.hostname)
             if in_flight and self.alone_job not in in_flight:
                 self.suspects.record_crash(in_flight)
+            self.heartbeat.stop(forget=True)  # the other workers recover its tasks at once
         finally:
             os._exit(70)

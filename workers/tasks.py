@@ -78,7 +78,18 @@ def _run_jobs(rt: WorkerRuntime, job_ids: list[str], enqueued_at: float) -> dict
     for held in run.holding.others:  # a copy of a task this process runs: the original finishes it
         held.done.wait()
         requeue |= held.given_back
-        run.counts["duplicate"] += 1
+    if run.holding.others and not requeue:
+        # Claimed again rather than assumed done: the original's result may not have counted
+        # (fenced: the job was taken over while this worker was cut off from Redis, then put back).
+        again = _TaskRun(rt, rt.hold([h.job_id for h in run.holding.others]), enqueued_at)
+        try:
+            again.run()
+        finally:
+            rt.release(again.holding)
+        requeue |= bool(again.holding.given_back)
+        run.counts["duplicate"] += again.counts["skipped"]
+        for key in ("succeeded", "failed", "expired", "prompt_tokens", "completion_tokens"):
+            run.counts[key] += again.counts[key]
     if requeue:
         raise Reject("the worker is stopping: unfinished jobs go back to the queue", requeue=True)
     return run.counts
@@ -215,7 +226,7 @@ class _TaskRun:
             job_id=claim.id, output_text=out.text, finish_reason=out.finish_reason or "stop",
             prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
             cached_prompt_tokens=out.cached_tokens, queue_ms=job.queue_ms, ttft_ms=ttft, total_ms=total,
-            worker=rt.config.hostname, device=rt.config.device_label,
+            worker=rt.config.hostname, device=rt.config.device_label, worker_instance=rt.config.instance,
             token_ids=list(out.token_ids) if with_ids else None,
             logprobs=_logprobs(out.logprobs) if with_logprobs else None, expired=expired, choices=choices)
         self.writes.append((claim.id, rt.writer.submit(finished)))
@@ -250,7 +261,7 @@ class _TaskRun:
             self._count_failed(rejected)
         if self.holding.given_back:
             back = sorted(self.holding.given_back)
-            _store_retrying(lambda: rt.store.jobs.give_back(back, rt.config.hostname))
+            _store_retrying(lambda: rt.store.jobs.give_back(back, rt.config.hostname, rt.config.instance))
             log.info("handed %d unfinished job(s) back to the queue", len(back))
 
 
@@ -272,10 +283,19 @@ def _log_finished(job_id: str, claim: JobClaim | None, t: JobTimes, status: str)
 
 
 def _claim(rt: WorkerRuntime, job_ids: list[str]) -> list[JobClaim]:
-    """Marks the jobs running (counting the attempt); the store may be restarting: retried, and
-    if it stays away, the task goes back to the queue rather than being lost."""
+    """Marks the jobs running (counting the attempt), except those that another live worker
+    process runs (a copy of their task is not a reason to start them twice); the store or Redis may
+    be restarting: retried, and if they stay away, the task goes back to the queue rather than
+    being lost."""
+
+    def claim() -> list[JobClaim]:
+        owners = rt.store.jobs.running_instances(job_ids)
+        instances = {owner for owner in owners.values() if owner}
+        dead = instances - rt.live(instances)
+        return rt.store.jobs.mark_running(job_ids, rt.config.hostname, rt.config.instance, takeover=dead)
+
     try:
-        return _store_retrying(lambda: rt.store.jobs.mark_running(job_ids, rt.config.hostname))
+        return _store_retrying(claim)
     except Exception as e:  # noqa: BLE001 - whatever it is, the task must not be acknowledged
         raise Reject(f"could not claim the jobs in the store ({e!r})", requeue=True) from e
 

@@ -68,13 +68,16 @@ def rel_tenant(rel_store: Store) -> str:
 @pytest.fixture(scope="module")
 def spawn_worker(rel_database_url: str, rel_redis: redis.Redis, rel_redis_url: str, rel_model_dir: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., WorkerProcess]]:
-    """Factory: ``spawn_worker(wait=True, database_url=None, **kw)`` starts a worker for the tiny
-    model (``kw``: `WorkerProcess` options) and, with ``wait``, returns once it consumes."""
+    """Factory: ``spawn_worker(wait=True, database_url=None, redis_url=None, **kw)`` starts a worker
+    for the tiny model (``kw``: `WorkerProcess` options) and, with ``wait``, returns once it
+    consumes."""
     procs: list[WorkerProcess] = []
 
-    def spawn(*, wait: bool = True, database_url: str | None = None, **kw) -> WorkerProcess:
+    def spawn(*, wait: bool = True, database_url: str | None = None, redis_url: str | None = None,
+              **kw) -> WorkerProcess:
         log = tmp_path_factory.mktemp("worker") / "worker.log"
-        w = WorkerProcess(rel_model_dir, "tiny", database_url or rel_database_url, log, redis_url=rel_redis_url, **kw)
+        w = WorkerProcess(rel_model_dir, "tiny", database_url or rel_database_url, log,
+                          redis_url=redis_url or rel_redis_url, **kw)
         procs.append(w)
         return w.wait_ready(rel_redis) if wait else w
 

@@ -28,7 +28,9 @@ def test_poison_job_fails_after_its_attempts_and_the_jobs_around_it_finish(
     innocents = ids[:15] + ids[16:]
     send(rel_celery, ids)  # all queued before a worker starts: the first batch holds them all
     env = {"TOKENMILL_FAULT_CRASH_MARKER": MARKER, "TOKENMILL_MAX_ATTEMPTS": str(MAX_ATTEMPTS)}
-    options = {"concurrency": 64, "visibility_timeout_s": 6, "extra_env": env}
+    # The visibility timeout at its default: a crashed worker's tasks come back through the
+    # recovery of its instance (workers.recovery), not through the timeout.
+    options = {"concurrency": 64, "visibility_timeout_s": 3600, "extra_env": env}
     workers = [spawn_worker(wait=False, **options)]
     exits: list[int] = []
 

@@ -1,9 +1,10 @@
 """A worker killed with SIGKILL mid-batch, three times over, while 1,000 jobs run: no cleanup, no
-acknowledgement, the tasks it held come back after the visibility timeout. Afterwards every job
+acknowledgement; the tasks it held come back as soon as its heartbeat is gone (`workers.recovery`,
+run by every live worker), at the default visibility timeout. Afterwards every job
 has succeeded exactly once (one result, one usage row), and the usage adds up to exactly what the
 requests forced (prompt lengths; max_tokens with ignore_eos).
 
-The tasks come back through kombu's visibility timeout; a task that Redis was handing to the worker
+A task that Redis was handing to the worker
 at the very moment of the kill is gone from Redis, and the reconciler (which API processes run)
 sends it again. Worker losses the worker cannot explain (SIGKILL, the OOM killer) are never charged to a job as a
 failure (`workers.suspects`): a job lost three times only runs alone next time."""
@@ -24,7 +25,7 @@ def test_three_sigkills_mid_batch_lose_no_job_and_count_none_twice(
         rel_store, rel_celery, rel_redis, rel_tenant, spawn_worker, rel_reconciler):
     rng = random.Random(11)
     bodies = payloads(rng, JOBS, (4, 16), (4, 10))
-    options = {"concurrency": 64, "visibility_timeout_s": 8}
+    options = {"concurrency": 64, "visibility_timeout_s": 3600}  # the default: recovery needs no timeout
     t0 = time.monotonic()
     worker = spawn_worker(**options)
     ids = submit(rel_store, rel_celery, rel_tenant, bodies)
@@ -40,7 +41,7 @@ def test_three_sigkills_mid_batch_lose_no_job_and_count_none_twice(
             time.sleep(0.05)
         worker.kill()
         kills.append((counts["succeeded"], in_engine))
-        # The replacement loads while the lost tasks wait out their visibility timeout.
+        # The replacement loads while the lost instance's heartbeat runs out.
         worker = spawn_worker(wait=False, **options)
 
     final = wait_final(rel_store, rel_tenant, JOBS, timeout=180)

@@ -222,3 +222,41 @@ def test_jobs_of_a_deleted_tenant_go_with_it(store: Store, tenant_id: str) -> No
     with store.db.read() as s:
         assert s.scalar(select(func.count()).select_from(Job)) == 0
         assert s.scalar(select(func.count()).select_from(Usage)) == 0
+
+
+def test_a_claim_records_the_instance_and_never_takes_a_live_instances_job(store: Store, tenant_id: str) -> None:
+    a, b = (x.id for x in store.jobs.create_jobs(tenant_id, [spec(0), spec(1)]))
+    assert [c.id for c in store.jobs.mark_running([a, b], "w", "inst-1", takeover=())] == sorted([a, b])
+    assert store.jobs.running_instances([a, b, "job_missing"]) == {a: "inst-1", b: "inst-1"}
+    # inst-1 lives: a redelivered copy elsewhere claims nothing.
+    assert store.jobs.mark_running([a, b], "w2", "inst-2", takeover=()) == []
+    # inst-1 is known dead: its running jobs are taken over (a second attempt).
+    claims = store.jobs.mark_running([a], "w2", "inst-2", takeover={"inst-1"})
+    assert [(c.id, c.attempts) for c in claims] == [(a, 2)]
+    assert store.jobs.claimed_by([a, b], "inst-1") == {b}
+
+
+def test_requeue_lost_moves_only_the_lost_instances_running_jobs_once(store: Store, tenant_id: str) -> None:
+    a, b, c = (x.id for x in store.jobs.create_jobs(tenant_id, [spec(0), spec(1), spec(2)]))
+    store.jobs.mark_running([a, b], "w", "dead")
+    store.jobs.mark_running([c], "w", "alive")
+    store.jobs.record_results([finished(b, worker_instance="dead")])
+    assert store.jobs.requeue_lost("dead") == [a]
+    assert store.jobs.requeue_lost("dead") == []  # a second recoverer changes nothing
+    job = store.jobs.get_job(tenant_id, a)
+    assert job.status == "queued" and job.worker_instance is None and job.attempts == 1  # type: ignore[union-attr]
+    assert store.jobs.get_job(tenant_id, c).status == "running"  # type: ignore[union-attr]
+
+
+def test_a_result_from_an_instance_that_lost_the_job_is_fenced(store: Store, tenant_id: str) -> None:
+    a, b = (x.id for x in store.jobs.create_jobs(tenant_id, [spec(0), spec(1)]))
+    store.jobs.mark_running([a, b], "w", "cut-off")
+    store.jobs.requeue_lost("cut-off")
+    store.jobs.mark_running([a], "w2", "new", takeover=())
+    late = store.jobs.record_results([finished(a, worker_instance="cut-off"), finished(b, worker_instance="cut-off")])
+    assert late.recorded == [] and late.fenced == sorted([a, b]) and late.duplicates == []
+    assert store.jobs.get_result(tenant_id, a) is None
+    out = store.jobs.record_results([finished(a, worker_instance="new")])
+    assert out.recorded == [a]
+    with store.db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Usage).where(Usage.job_id == a)) == 1

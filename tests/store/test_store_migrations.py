@@ -16,7 +16,7 @@ from tokenmill.cli_db import db_app
 def test_migrations_and_models_agree(db_url: URL) -> None:
     assert current(db_url) is None
     upgrade(db_url)
-    assert current(db_url) == head() == "0003"
+    assert current(db_url) == head() == "0004"
     assert differences(db_url) == [], "models and migrations disagree: add a migration"
 
 
@@ -40,11 +40,11 @@ def test_cli_upgrade_then_current(db_url: URL) -> None:
     assert before.exit_code == 0 and "no schema yet" in before.output
     result = runner.invoke(db_app, ["upgrade"], env=env)
     assert result.exit_code == 0, result.output
-    assert "at revision 0003" in result.output
+    assert "at revision 0004" in result.output
     again = runner.invoke(db_app, ["upgrade"], env=env)  # safe to run twice
     assert again.exit_code == 0
     now = runner.invoke(db_app, ["current"], env=env)
-    assert now.exit_code == 0 and "0003 (up to date)" in now.output
+    assert now.exit_code == 0 and "0004 (up to date)" in now.output
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -54,7 +54,7 @@ def test_cli_default_database_lives_in_the_data_dir(tmp_path: Path, backend: str
     result = CliRunner().invoke(db_app, ["upgrade"], env=env)  # type: ignore[arg-type]
     assert result.exit_code == 0, result.output
     assert (data_dir / "tokenmill.db").is_file()
-    assert current(f"sqlite:///{data_dir / 'tokenmill.db'}") == "0003"
+    assert current(f"sqlite:///{data_dir / 'tokenmill.db'}") == "0004"
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
