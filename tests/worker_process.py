@@ -16,11 +16,13 @@ class WorkerProcess(LoggedProcess):
     """A `tokenmill worker` subprocess whose output goes to ``log_path``."""
 
     def __init__(self, model_dir: Path, served: str, database_url: str, log_path: Path, *, redis_url: str,
-                 concurrency: int = 64, visibility_timeout_s: int = 5, extra_env: dict | None = None,
+                 concurrency: int = 64, visibility_timeout_s: int | None = None, extra_env: dict | None = None,
                  extra_args: list[str] | None = None, hostname: str | None = None) -> None:
         self.hostname = hostname or f"{served}-{uuid.uuid4().hex[:6]}@test"
-        env = {"TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": redis_url,
-               "TOKENMILL_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s), **(extra_env or {})}
+        # The visibility timeout stays at its default unless a test says why it may not.
+        env = {"TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": redis_url, **(extra_env or {})}
+        if visibility_timeout_s is not None:
+            env["TOKENMILL_VISIBILITY_TIMEOUT_S"] = str(visibility_timeout_s)
         super().__init__(
             [sys.executable, "-m", "tokenmill.cli", "worker", "--model", str(model_dir), "--served-name", served,
              "--device", "cpu", "--dtype", "float32", "--concurrency", str(concurrency), "--hostname", self.hostname,

@@ -47,12 +47,13 @@ def clear_db(r: redis.Redis) -> None:
 
 
 def start_worker(*, redis_url: str, database_url: str, model_dir: Path, log_dir: Path, served: str = TINY,
-                 concurrency: int = 8, visibility_timeout_s: int = 30, wait_s: float = 180) -> tuple[Proc, str]:
+                 concurrency: int = 8, visibility_timeout_s: int | None = None, wait_s: float = 180) -> tuple[Proc, str]:
     """Starts a real `tokenmill worker` on the CPU and waits until it consumes; returns it and its
     Celery hostname (the name jobs record as their worker)."""
     hostname = f"{served}-{uuid.uuid4().hex[:6]}@relapi"
-    env = {"TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": redis_url,
-           "TOKENMILL_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s)}
+    env = {"TOKENMILL_DATABASE_URL": database_url, "TOKENMILL_REDIS_URL": redis_url}
+    if visibility_timeout_s is not None:  # the default unless a test says why it may not
+        env["TOKENMILL_VISIBILITY_TIMEOUT_S"] = str(visibility_timeout_s)
     p = Proc([sys.executable, "-m", "tokenmill.cli", "worker", "--model", str(model_dir), "--served-name", served,
               "--device", "cpu", "--dtype", "float32", "--concurrency", str(concurrency), "--hostname", hostname],
              env, log_dir / f"worker-{hostname.split('@')[0]}.log")

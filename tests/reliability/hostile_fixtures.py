@@ -134,7 +134,7 @@ def _start_stack(postgres_admin_url: str, redis_url: str, model_dir: Path,
     started: list[Proc] = []
     try:
         worker, hostname = start_worker(redis_url=redis_url, database_url=database_url, model_dir=model_dir,
-                                        log_dir=log_dir, visibility_timeout_s=60, wait_s=240)
+                                        log_dir=log_dir, wait_s=240)
         started.append(worker)
         servers = []
         for _ in range(2):

@@ -99,6 +99,9 @@ def test_api_cancel_while_validating_sends_and_runs_nothing(relapi_db: redis.Red
                                                            relapi_model_dir: Path, relapi_store: Store,  # noqa: F811
                                                            relapi_tenant: tuple[str, str], tmp_path: Path) -> None:  # noqa: F811
     tenant_id, key = relapi_tenant
+    # The reconciler far more often than its default (every 10 s, jobs older than 30 s) on purpose:
+    # the test shows that its passes send none of a cancelled batch's jobs, so it needs many passes
+    # over the jobs during the few seconds of the ingestion.
     api = start_api(redis_url=relapi_redis_url, database_url=relapi_database_url, model_dir=relapi_model_dir,
                     log_dir=tmp_path, served_models=f"idle={relapi_model_dir}", reconcile_interval_s="0.5",
                     reconcile_min_age_s="1")

@@ -65,7 +65,7 @@ def stack(relapi_database_url: str, relapi_model_dir: Path,  # noqa: F811
                                     model_dir=relapi_model_dir, log_dir=log_dir, concurrency=SLOTS)
     try:
         api = start_api(redis_url=redis.url, database_url=relapi_database_url, model_dir=relapi_model_dir,
-                        log_dir=log_dir, reconcile_interval_s="0.5", reconcile_min_age_s="2")
+                        log_dir=log_dir)  # the reconciler at its defaults: lost tasks re-sent within ~40 s
         stack = Stack(redis, worker, hostname, api)
         yield stack
     finally:
@@ -179,7 +179,7 @@ def test_redis_restart_loses_no_job_and_the_worker_carries_on(stack: Stack, rela
     batch_jobs = [j.id for j in relapi_store.jobs.list_jobs(tenant_id, batch_id=batch_id, limit=1000).jobs]
     assert len(batch_jobs) == BATCH_LINES
     jobs = running + waiting + refused + after + batch_jobs
-    final = wait_final(relapi_store, tenant_id, jobs, timeout=90)
+    final = wait_final(relapi_store, tenant_id, jobs, timeout=150)  # the reconciler: every 10 s, jobs older than 30 s
     settled_s = time.monotonic() - back_at
     lost = {j: s for j, s in final.items() if s != "succeeded"}
     assert not lost, f"{len(lost)} of {len(jobs)} jobs did not succeed: {lost}\n{stack.worker.log()}"

@@ -19,7 +19,7 @@ def test_long_prompt_flood_on_a_small_kv_pool_preempts_and_finishes_everything(
         rel_store, rel_celery, rel_redis, rel_tenant, spawn_worker, rel_model_dir):
     rng = random.Random(15)
     bodies = payloads(rng, JOBS, (300, 336), (48, 64), return_token_ids=True)
-    worker = spawn_worker(concurrency=JOBS, visibility_timeout_s=600,
+    worker = spawn_worker(concurrency=JOBS,
                           extra_env={"TOKENMILL_NUM_KV_BLOCKS": str(KV_BLOCKS)})
     assert int(rel_redis.hget(worker.stats_key, "kv_blocks_total")) == KV_BLOCKS
     ids = submit(rel_store, rel_celery, rel_tenant, bodies)

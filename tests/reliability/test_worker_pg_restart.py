@@ -47,7 +47,7 @@ def test_postgres_restart_while_recording_loses_and_doubles_nothing(
         # is sent while it is down, to a worker with free slots: it claims them at once.
         first_wave = payloads(rng, 48, (4, 16), (8, 160))
         second_wave = payloads(rng, 48, (4, 16), (4, 8))
-        worker = spawn_worker(database_url=url, concurrency=64, visibility_timeout_s=120)
+        worker = spawn_worker(database_url=url, concurrency=64)
         ids = submit(store, rel_celery, tenant, first_wave)
         later = create(store, tenant, second_wave)  # stored now, their tasks sent while the database is down
         deadline = time.monotonic() + 60

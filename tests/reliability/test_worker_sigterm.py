@@ -12,6 +12,8 @@ from datetime import datetime, timedelta, timezone
 from relworker import (assert_each_stored_once, jobs_by_id, payloads, status_counts, submit, unacked,
                        wait_final)
 
+# Shorter than the default grace (90 s) on purpose: the test needs the grace period to run out
+# while long jobs still run, to see them handed back; at 90 s they would all finish first.
 GRACE_S = 2.0
 
 
@@ -33,9 +35,9 @@ def test_sigterm_finishes_or_hands_back_held_jobs_and_exits_cleanly_within_grace
     short = payloads(rng, 24, (4, 12), (4, 8))
     backlog = payloads(rng, 48, (4, 12), (4, 8))
     bodies = long + short + backlog
-    # A visibility timeout far longer than the test: handed-back jobs return by being requeued,
-    # never by the timeout.
-    first = spawn_worker(concurrency=48, visibility_timeout_s=600,
+    # At the default visibility timeout (an hour): handed-back jobs return by being requeued, never
+    # by the timeout.
+    first = spawn_worker(concurrency=48,
                          extra_env={"TOKENMILL_SHUTDOWN_GRACE_S": str(GRACE_S)})
     ids = submit(rel_store, rel_celery, rel_tenant, bodies)
     long_ids = set(ids[:len(long)])
@@ -73,7 +75,7 @@ def test_sigterm_finishes_or_hands_back_held_jobs_and_exits_cleanly_within_grace
     late = [i for i in done_first if jobs[i].started_at > stop_handled_at(first.log_path, sigterm_at)]
     assert not late, f"{len(late)} jobs were started after SIGTERM"
 
-    second = spawn_worker(concurrency=48, visibility_timeout_s=600)
+    second = spawn_worker(concurrency=48)
     final = wait_final(rel_store, rel_tenant, len(ids), timeout=120)
     assert final == {"succeeded": len(ids)}, dict(final)
     usage = assert_each_stored_once(rel_store, ids, bodies)

@@ -46,7 +46,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture(scope="module")
 def celery_app(redis_client, redis_url):
-    return make_celery(QueueConfig(redis_url=redis_url, visibility_timeout_s=5))
+    return make_celery(QueueConfig(redis_url=redis_url))
 
 
 @pytest.fixture(scope="module")

@@ -95,8 +95,8 @@ def test_dummy_weight_worker_runs_jobs_and_publishes_where_its_time_went(
             break
         time.sleep(0.25)
     d = stage_deltas({}, figures)
-    # The fixture's worker redelivers a task held longer than 5 s (its visibility timeout), and a
-    # copy is delivered, run (it waits for the original) and acknowledged, but claims nothing.
+    # Should a copy of a task be delivered (a redelivery), it is run (it waits for the original) and
+    # acknowledged, but claims nothing.
     assert d["claim"]["n"] == tasks
     assert d["delivery"]["n"] == d["task"]["n"] == d["ack"]["n"] >= tasks
     for stage in ("inbox", "engine", "handoff", "write"):
