@@ -90,14 +90,17 @@ class PrefixRouter:
             if w in alive:
                 waiting[model_of[w]][w] = sum(lengths[k * steps:(k + 1) * steps])
         pipe = self._redis.pipeline(transaction=False)
+        assigned: dict[str, str] = {}  # index entries written for this group's earlier jobs
         for i in todo:
             model_queue = queue_for(models[i])
-            chosen = choose(owners[i], waiting.get(model_queue, {}))
+            keys = [prefix_key(model_queue, h) for h in hashes[i]]
+            chosen = choose([assigned.get(k, o) for k, o in zip(keys, owners[i])], waiting.get(model_queue, {}))
             if chosen is None:
                 continue
             out[i] = worker_queue(model_queue, chosen)
             waiting[model_queue][chosen] += 1  # the next jobs of the group see it
-            for h in hashes[i]:
-                pipe.set(prefix_key(model_queue, h), chosen, ex=PREFIX_TTL_S)
+            for k in keys:
+                assigned[k] = chosen
+                pipe.set(k, chosen, ex=PREFIX_TTL_S)
         pipe.execute()
         return out

@@ -82,6 +82,10 @@ def test_router_on_redis(redis_client, redis_url) -> None:
         # In one group: the same prefix follows the first job; another prefix goes to the other worker.
         got = router.queues([MODEL] * 3, [{"prompt": SYSTEM + "two"}, long_b, {"prompt": "short"}])
         assert got == [worker_queue(queue_for(MODEL), owner), worker_queue(queue_for(MODEL), other), None]
+        # A new prefix in one group: its jobs follow the group's first one with it.
+        third = "A third long system prompt here. " * 10
+        got = router.queues([MODEL] * 3, [{"prompt": third + str(n)} for n in range(3)])
+        assert len(set(got)) == 1 and got[0] is not None
         # A worker that published a prefix (it ran the prompt) owns it from then on.
         PrefixPublisher(redis_url, queue_for(MODEL), other).publish({"prompt": SYSTEM + "three"})
         assert router.queues([MODEL], [long_a]) == [worker_queue(queue_for(MODEL), other)]
