@@ -36,7 +36,7 @@ def routing_workers(client: redis.Redis, *, model_queue: str | None = None,
         parsed = parse_route_worker(raw)
         if parsed is None:
             continue
-        queue, seen = parsed
+        queue, seen, _ = parsed
         if (model_queue is None or queue == model_queue) and (fresh_s is None or now - seen <= fresh_s):
             out[instance.decode()] = queue
     return out
@@ -70,7 +70,7 @@ class PrefixRouter:
         now = time.time()
         for instance, raw in first[0].items():
             parsed = parse_route_worker(raw)
-            if parsed is not None and now - parsed[1] <= ROUTE_WORKER_STALE_S:
+            if parsed is not None and parsed[2] and now - parsed[1] <= ROUTE_WORKER_STALE_S:
                 workers[parsed[0]].append(instance.decode())
         owners = {i: [o.decode() if o is not None else None for o in found] for i, found in zip(todo, first[1:])}
         candidates = sorted({w for i in todo for w in workers.get(queue_for(models[i]), [])})

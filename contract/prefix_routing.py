@@ -10,7 +10,8 @@ the Redis names of the prefix index and of the routing workers, and the choice o
   was sent, a prompt with that prefix; it expires `PREFIX_TTL_S` after its last use (a TTL stands
   in for the engine's evictions, which the API cannot see).
 - **The routing workers.** ``ROUTE_WORKERS_KEY`` maps each worker instance that consumes a queue
-  of its own to its model queue and when it last said so (every second).
+  of its own to its model queue, when it last said so (every second), and whether it accepts
+  routed jobs (not once it is stopping).
 - **The choice** (`choose`): the deepest prefix whose owner is live goes to that owner's own queue
   unless it waits `IMBALANCE` tasks more than the least busy live worker (load balance beats cache
   hits); a prompt with no live owner goes to the least busy live worker, which then owns it; no
@@ -68,15 +69,16 @@ def prefix_key(queue: str, digest: str) -> str:
     return PREFIX_KEY.format(queue=queue, hash=digest)
 
 
-def route_worker_entry(queue: str, seen: float) -> str:
-    return json.dumps({"queue": queue, "seen": seen})
+def route_worker_entry(queue: str, seen: float, *, accepting: bool = True) -> str:
+    """A ``ROUTE_WORKERS_KEY`` entry; ``accepting`` False: the worker is stopping, route nothing to it."""
+    return json.dumps({"queue": queue, "seen": seen, "accepting": accepting})
 
 
-def parse_route_worker(raw: bytes | str) -> tuple[str, float] | None:
-    """(model queue, last seen) of a ``ROUTE_WORKERS_KEY`` entry, None when unreadable."""
+def parse_route_worker(raw: bytes | str) -> tuple[str, float, bool] | None:
+    """(model queue, last seen, accepting) of a ``ROUTE_WORKERS_KEY`` entry, None when unreadable."""
     try:
         entry = json.loads(raw)
-        return str(entry["queue"]), float(entry["seen"])
+        return str(entry["queue"]), float(entry["seen"]), bool(entry.get("accepting", True))
     except (ValueError, TypeError, KeyError):
         return None
 

@@ -118,6 +118,7 @@ def run_worker(opts: WorkerOptions) -> None:
     # the runtime lets them finish for the grace period, then hands what is left back to the queue.
     # A cold shutdown (SIGQUIT) hands everything back at once.
     def on_shutting_down(how: str = "Warm", **_: object) -> None:
+        rt.prefixes.withdraw()  # no more routed jobs; those waiting for it go to the shared queue
         rt.begin_shutdown(opts.shutdown_grace_s if how == "Warm" else 0.0)
 
     signals.worker_shutting_down.connect(on_shutting_down, weak=False)

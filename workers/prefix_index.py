@@ -57,6 +57,7 @@ class PrefixPublisher:
         self.model_queue = model_queue
         self.instance = instance
         self.queue = worker_queue(model_queue, instance)
+        self._withdrawn = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="route-register", daemon=True)
 
@@ -67,7 +68,8 @@ class PrefixPublisher:
 
     def register(self) -> None:
         try:
-            self._redis.hset(ROUTE_WORKERS_KEY, self.instance, route_worker_entry(self.model_queue, time.time()))
+            self._redis.hset(ROUTE_WORKERS_KEY, self.instance,
+                             route_worker_entry(self.model_queue, time.time(), accepting=not self._withdrawn))
         except redis.RedisError as e:  # routing is best effort: the shared queue always works
             log.warning("could not register for prefix routing: %r", e)
 
@@ -83,6 +85,18 @@ class PrefixPublisher:
             pipe.execute()
         except redis.RedisError as e:
             log.warning("could not publish prompt prefixes: %r", e)
+
+    def withdraw(self) -> None:
+        """The worker is stopping (SIGTERM): the API routes nothing more to it, and what waits in
+        its own queue goes to the shared one now, for the other workers to run meanwhile."""
+        self._withdrawn = True
+        self.register()
+        try:
+            moved = drain_worker_queue(self._redis, self.model_queue, self.instance)
+            if moved:
+                log.info("stopping: %d routed task(s) handed to the shared queue %s", moved, self.model_queue)
+        except redis.RedisError as e:
+            log.warning("could not hand routed tasks back (done again on the way out): %r", e)
 
     def stop(self) -> None:
         """Stops registering and hands its waiting routed tasks to the shared

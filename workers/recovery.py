@@ -119,7 +119,7 @@ class Recoverer:
         for instance, raw in self._redis.hgetall(ROUTE_WORKERS_KEY).items():
             parsed = parse_route_worker(raw)
             if parsed is not None:
-                entries[instance.decode()] = parsed
+                entries[instance.decode()] = parsed[:2]
         alive = live_instances(self._redis, set(entries))
         return {i: e for i, e in entries.items() if i not in alive}
 

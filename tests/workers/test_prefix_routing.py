@@ -99,6 +99,14 @@ def test_router_on_redis(redis_client, redis_url) -> None:
         beats[1 if other == b else 0].stop(forget=True)
         assert router.queues([MODEL], [long_a]) == [worker_queue(queue_for(MODEL), owner)]
         assert router.queues([MODEL], [long_a]) == [worker_queue(queue_for(MODEL), owner)]
+        # A stopping worker (SIGTERM) withdraws: nothing more is routed to it, and a task waiting
+        # in its own queue moves to the shared queue at once.
+        make_celery(QueueConfig(redis_url=redis_url)).send_task(
+            **job_task("waiting-job", MODEL, queue=worker_queue(queue_for(MODEL), owner)))
+        PrefixPublisher(redis_url, queue_for(MODEL), owner).withdraw()
+        assert router.queues([MODEL], [long_a]) == [None]
+        assert redis_client.llen(queue_for(MODEL)) == 1
+        assert redis_client.llen(worker_queue(queue_for(MODEL), owner)) == 0
     finally:
         for h in beats:
             h.stop(forget=True)
