@@ -1,16 +1,19 @@
 """Prefix-aware routing with two real `tokenmill worker` processes on the CPU (real Redis,
 PostgreSQL, a tiny model), jobs sent by the API's own dispatcher at the default settings: jobs that
-share a prompt prefix run on the worker that ran it first, and a dead preferred worker costs no job."""
+share a prompt prefix run on the worker that ran it first, a dead preferred worker costs no job, and
+a worker told to stop (SIGTERM) gets no routed job any more."""
 
 from __future__ import annotations
 
 import random
+import signal
 import time
 
 import pytest
 
 from api.queue import Dispatcher
 from contract.payload import job_payload
+from contract.prefix_routing import ROUTE_WORKERS_KEY, parse_route_worker
 from contract.queues import priority_lists, queue_for, worker_queue
 from store.types import JobSpec
 
@@ -98,3 +101,25 @@ def test_a_dead_preferred_worker_costs_no_job(store, dispatcher, tenant, workers
     later = send(store, dispatcher, tenant, [SYSTEM + f"Later {n}?" for n in range(3)])
     assert waiting(redis_client, own) == 0
     assert {j.worker for j in wait_all(store, tenant, later, timeout=60).values()} == {survivor.hostname}
+
+
+def test_a_stopping_worker_withdraws_from_routing(store, dispatcher, tenant, workers, start_worker, tiny_model_dir,
+                                                  redis_client):
+    live = [w for w in workers if w.proc.poll() is None]
+    fresh = start_worker(tiny_model_dir("llama"), MODEL)
+    prefix = "Summarise the following support ticket in one line for the on-call engineer. " * 5
+    [first] = send(store, dispatcher, tenant, [prefix + "Ticket 0."])
+    done = wait_all(store, tenant, [first])[first]
+    owner = next(w for w in [*live, fresh] if w.hostname == done.worker)
+    owner.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while True:  # its entry says it takes no routed job any more (written from the signal handler)
+        entry = parse_route_worker(redis_client.hget(ROUTE_WORKERS_KEY, done.worker_instance) or b"{}")
+        if entry is not None and not entry[2]:
+            break
+        assert time.monotonic() < deadline and owner.proc.poll() is None, "the worker did not withdraw"
+        time.sleep(0.05)
+    later = send(store, dispatcher, tenant, [prefix + f"Ticket {n}." for n in range(1, 4)])
+    assert waiting(redis_client, worker_queue(queue_for(MODEL), done.worker_instance)) == 0
+    assert done.worker not in {j.worker for j in wait_all(store, tenant, later, timeout=60).values()}
+    assert owner.proc.wait(60) == 0
