@@ -14,7 +14,7 @@ from contract.celery_app import QueueConfig, job_task, make_celery
 from contract.liveness import Heartbeat, new_instance_id
 from contract.prefix_routing import (CHUNK_CHARS, IMBALANCE, ROUTE_WORKERS_KEY, choose, prefix_hashes, prompt_text,
                                      route_worker_entry)
-from contract.queues import PRIORITY_BULK, priority_lists, queue_for, worker_queue
+from contract.queues import PRIORITY_BULK, priority_lists, queue_for, shared_queue_of, worker_queue
 from workers.prefix_index import PrefixPublisher
 from workers.recovery import Recoverer, kombu_restorer
 
@@ -46,6 +46,12 @@ def test_prompt_text_of_prompts_token_ids_and_messages() -> None:
     # The same words as a user message are another prompt (another chat template rendering).
     assert prefix_hashes(prompt_text({"messages": [{"role": "user", "content": SYSTEM}]}))[0] != prefix_hashes(one)[0]
     assert prompt_text({"messages": "bogus"}) == "" and prompt_text({}) == ""
+
+
+def test_a_worker_queue_names_its_shared_queue() -> None:
+    instance = new_instance_id()
+    assert shared_queue_of(worker_queue(queue_for(MODEL), instance)) == queue_for(MODEL)
+    assert shared_queue_of(queue_for(MODEL)) == queue_for(MODEL)
 
 
 # -- the choice -------------------------------------------------------------------------------------
