@@ -43,7 +43,8 @@ def create_app(config: ApiConfig, *, store: Store | None = None) -> FastAPI:
     # Threads of the pool and the job writers share the connections; SQLite manages its own.
     pool = {"pool_size": 20, "max_overflow": 20} if config.database_url.startswith("postgresql") else {}
     the_store = store if store is not None else Store.open(config.database_url, **pool)
-    dispatcher = Dispatcher(config.redis_url, visibility_timeout_s=config.visibility_timeout_s)
+    dispatcher = Dispatcher(config.redis_url, visibility_timeout_s=config.visibility_timeout_s,
+                            prefix_routing=config.prefix_routing)
     registry = ModelRegistry(config.models)
     metrics = ApiMetrics(config.metrics_multiprocess_dir)
     limiter = Limiter(dispatcher.redis, the_store, budget_status=config.budget_status)

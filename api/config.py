@@ -36,3 +36,4 @@ class ApiConfig:
     webhook_allow_private: bool = False  # webhooks may go to loopback, link-local and private addresses
     webhook_interval_s: float = 1.0  # how often completion webhooks are queued and sent (<= 0: never)
     settle_interval_s: float = 1.0  # how often finished jobs' token reservations are settled (<= 0: never)
+    prefix_routing: bool = True  # jobs sharing a long prompt prefix go to the worker that has it cached

@@ -16,7 +16,9 @@ import redis
 from celery import Celery
 
 from contract.celery_app import QueueConfig, job_task, make_celery, send_bulk, send_job
-from contract.queues import PRIORITY_BULK, TASK_GENERATE, TASK_GENERATE_BULK, priority_lists, queue_for
+from api.routing import PrefixRouter, routing_workers
+from contract.queues import (PRIORITY_BULK, TASK_GENERATE, TASK_GENERATE_BULK, priority_lists, queue_for,
+                             worker_queue)
 from contract.redis_keys import CANCEL_CHANNEL, WORKER_STATS_PATTERN, worker_of
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,8 @@ class QueueDepth:
 class Dispatcher:
     """Sends job tasks and reads queue state, for one API process."""
 
-    def __init__(self, redis_url: str, *, visibility_timeout_s: int = 3600, depth_cache_s: float = 0.25) -> None:
+    def __init__(self, redis_url: str, *, visibility_timeout_s: int = 3600, depth_cache_s: float = 0.25,
+                 prefix_routing: bool = False) -> None:
         self.celery: Celery = make_celery(QueueConfig(redis_url=redis_url, visibility_timeout_s=visibility_timeout_s))
         # Fail fast when Redis is down or hangs: the caller answers 503 and the job waits in the store.
         self.celery.conf.broker_transport_options = {
@@ -102,6 +105,9 @@ class Dispatcher:
                                            socket_timeout=REDIS_PROBE_S)
         self._down_until = 0.0  # monotonic: until then, Redis is probed before a request waits on it
         self._hold = self.redis.register_script(_HOLD_LOCK)
+        # Prefix-aware routing (docs/routing.md): jobs whose prompts share a prefix go to the worker
+        # that holds it in its KV cache; None: every job goes to its model's shared queue.
+        self.router = PrefixRouter(self.redis) if prefix_routing else None
         self._depth_cache_s = depth_cache_s
         self._depths: dict[str, tuple[float, QueueDepth]] = {}
         self._lock = threading.Lock()
@@ -140,7 +146,8 @@ class Dispatcher:
             self._failed(exc)
             raise QueueUnavailable(str(exc)) from exc
 
-    def send_many(self, jobs: list[tuple[str, str, bool]], *, headers: list[dict[str, str] | None] | None = None) -> int:
+    def send_many(self, jobs: list[tuple[str, str, bool]], *, headers: list[dict[str, str] | None] | None = None,
+                  requests: list[dict[str, Any] | None] | None = None) -> int:
         """Enqueues stored jobs ``(job_id, model, bulk)`` in order, all in one Redis round trip
         (kombu's publish batch: the tasks and their task-sent events go out as one pipeline);
         returns how many were sent: all, or 0 when Redis refused.
@@ -149,17 +156,22 @@ class Dispatcher:
         and the round trip are shared. A pipeline cut short may have delivered some
         of them; they count as unsent, and the reconciler, which looks in Redis first, sends only
         the ones that are missing. ``headers``: per job, the trace context its task carries.
+        ``requests``: per job, its request body, for prefix routing (without them, or with routing
+        off, every task goes to its model's shared queue).
         """
         now = time.time()
         try:
             self._check()
         except QueueUnavailable:
             return 0
+        queues: list[str | None] = [None] * len(jobs)
+        if self.router is not None and requests is not None:
+            queues = self.router.queues([model for _, model, _ in jobs], requests)
         try:
             with self.celery.producer_or_acquire() as producer, producer.batch(max_size=2 * len(jobs) + 8):
                 for i, (job_id, model, bulk) in enumerate(jobs):
                     task = job_task(job_id, model, bulk=bulk, enqueued_at=now,
-                                    headers=headers[i] if headers is not None else None)
+                                    headers=headers[i] if headers is not None else None, queue=queues[i])
                     self.celery.send_task(**task, producer=producer)
         except Exception as exc:
             log.warning("Redis refused a group of %d tasks: %r", len(jobs), exc)
@@ -193,7 +205,7 @@ class Dispatcher:
 
     # -- queue state ----------------------------------------------------------------------------
     def depth(self, model: str, *, fresh: bool = False) -> QueueDepth:
-        """Tasks waiting in the model's queue (cached for a fraction of a second: admission checks
+        """Tasks waiting in the model's queue, its routing workers' own queues included (cached for a fraction of a second: admission checks
         happen on every request and the figure need not be exact)."""
         queue = queue_for(model)
         now = time.monotonic()
@@ -203,11 +215,13 @@ class Dispatcher:
             if hit is not None and now - hit[0] < self._depth_cache_s:
                 return hit[1]
         self._check()
-        pipe = self.redis.pipeline(transaction=False)
-        lists = priority_lists(queue)
-        for _, name in lists:
-            pipe.llen(name)
         try:
+            # With prefix routing, a model's tasks also wait in its routing workers' own queues.
+            routed = sorted(routing_workers(self.redis, model_queue=queue)) if self.router is not None else []
+            pipe = self.redis.pipeline(transaction=False)
+            lists = [pl for q in [queue, *(worker_queue(queue, w) for w in routed)] for pl in priority_lists(q)]
+            for _, name in lists:
+                pipe.llen(name)
             lengths = pipe.execute()
         except redis.RedisError as exc:
             self._failed(exc)
@@ -239,13 +253,18 @@ class Dispatcher:
         return bool(self._hold(keys=[f"tokenmill:lock:{name}"], args=[token, max(1, int(ttl_s * 1000))]))
 
     def job_ids_in_queue(self, model: str, wanted: set[str], *, page: int = 1000) -> set[str]:
-        """Which of ``wanted`` job ids have a task in Redis now: waiting in the model's queue (any
-        priority) or delivered to a worker and not yet acknowledged (kombu's ``unacked`` hash).
+        """Which of ``wanted`` job ids have a task in Redis now: waiting in the model's queue or in
+        the own queue of one of its routing workers, live or not yet recovered (any priority), or
+        delivered to a worker and not yet acknowledged (kombu's ``unacked`` hash).
 
         Read a page at a time, not atomically: a task moving from the queue to a worker while it
         is read may be missed, so a caller must see a job missing twice before acting on it."""
         found: set[str] = set()
-        for _, name in priority_lists(queue_for(model)):
+        model_queue = queue_for(model)
+        queues = [model_queue] + [worker_queue(model_queue, w)
+                                  for w in sorted(routing_workers(self.redis, model_queue=model_queue))]
+        names = [name for q in queues for _, name in priority_lists(q)]
+        for name in names:
             start = 0
             while True:
                 chunk = self.redis.lrange(name, start, start + page - 1)

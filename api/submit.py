@@ -107,12 +107,13 @@ class Submitter:
         new = [(job_id, group[i].spec.model, group[i].spec.kind == "bulk")
                for i, (job_id, is_new) in enumerate(pairs) if is_new]
         traced = [group[i].trace for i, (_, is_new) in enumerate(pairs) if is_new]
+        requests = [group[i].spec.request for i, (_, is_new) in enumerate(pairs) if is_new]
         # One span per traced job, from the group's write to its send: its context rides in the task.
         spans = [tracing.start_span("tokenmill.enqueue", t, kind=tracing.SpanKind.PRODUCER, start_s=started)
                  if t is not None else None for t in traced]
         headers = [tracing.carrier(s) if s is not None else None for s in spans] if any(spans) else None
         # Sent in order, so the first `sent` new jobs are the ones Redis took.
-        sent = self._dispatcher.send_many(new, headers=headers) if new else 0
+        sent = self._dispatcher.send_many(new, headers=headers, requests=requests) if new else 0
         for s in spans:
             if s is not None:
                 tracing.end(s)

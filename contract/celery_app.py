@@ -79,12 +79,13 @@ def make_celery(config: QueueConfig | None = None, name: str = "tokenmill") -> C
 
 
 def job_task(job_id: str, model: str, *, bulk: bool = False, enqueued_at: float | None = None,
-             headers: dict[str, str] | None = None) -> dict[str, Any]:
+             headers: dict[str, str] | None = None, queue: str | None = None) -> dict[str, Any]:
     """The task of one job, as `Celery.send_task` arguments: its name, arguments (the job id and
     when it was enqueued), id (the job id), queue and priority; ``headers``: message headers (the
-    W3C trace context, `contract.tracing`)."""
+    W3C trace context, `contract.tracing`); ``queue``: another queue than the model's shared one
+    (a worker's own, `contract.queues.worker_queue`)."""
     task = {"name": TASK_GENERATE, "args": [job_id, enqueued_at or time.time()], "task_id": job_id,
-            "queue": queue_for(model), "priority": PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE}
+            "queue": queue or queue_for(model), "priority": PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE}
     if headers:
         task["headers"] = headers
     return task
@@ -105,6 +106,7 @@ def send_bulk(app: Celery, job_ids: list[str], model: str, *, enqueued_at: float
                       queue=queue_for(model), priority=PRIORITY_BULK)
 
 
-def declare_queues(app: Celery, models: list[str]) -> None:
-    """Tells the app which model queues a worker consumes."""
-    app.conf.task_queues = [Queue(queue_for(m), routing_key=queue_for(m)) for m in models]
+def declare_queues(app: Celery, models: list[str], *, extra: list[str] | None = None) -> None:
+    """Tells the app which model queues a worker consumes (``extra``: its own queue, after them)."""
+    names = [queue_for(m) for m in models] + list(extra or [])
+    app.conf.task_queues = [Queue(name, routing_key=name) for name in names]

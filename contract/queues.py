@@ -30,3 +30,20 @@ def queue_for(model: str) -> str:
 def priority_lists(queue: str) -> list[tuple[int, str]]:
     """The Redis lists kombu keeps for a queue's priority steps: ``queue`` for 0, ``queue:N`` for N."""
     return [(p, queue if p == 0 else f"{queue}{PRIORITY_SEP}{p}") for p in PRIORITY_STEPS]
+
+
+WORKER_QUEUE_SEP = ".w."
+
+
+def worker_queue(model_queue: str, instance: str) -> str:
+    """A worker instance's own queue beside its model's shared one (prefix routing,
+    `contract.prefix_routing`): ``<model queue>.w.<instance>``, with the same priority steps."""
+    return f"{model_queue}{WORKER_QUEUE_SEP}{instance}"
+
+
+_WORKER_SUFFIX = re.compile(re.escape(WORKER_QUEUE_SEP) + r"[0-9a-f]{32}$")
+
+
+def shared_queue_of(queue: str) -> str:
+    """The model queue of a queue: itself, or the shared queue a worker queue belongs to."""
+    return _WORKER_SUFFIX.sub("", queue)

@@ -58,7 +58,7 @@ def api_config(settings: Settings):  # type: ignore[no-untyped-def]
         budget_status=settings.budget_status,
         settle_interval_s=settings.settle_interval_s, retention_days=settings.retention_days,
         purge_interval_s=settings.purge_interval_s, webhook_allow_private=settings.webhook_allow_private,
-        webhook_interval_s=settings.webhook_interval_s,
+        webhook_interval_s=settings.webhook_interval_s, prefix_routing=settings.prefix_routing,
     )
 
 

@@ -67,6 +67,9 @@ class Settings:
     webhook_allow_private: bool = False  # allow webhooks to loopback, link-local and private addresses
     webhook_interval_s: float = 1.0  # how often completion webhooks are queued and sent (<= 0: never)
     settle_interval_s: float = 1.0  # how often finished jobs' token reservations are settled (<= 0: never)
+    # prefix-aware routing (docs/routing.md): a job whose prompt shares a long prefix with a live
+    # worker's recent prompts goes to that worker's own queue (off: every job to the shared queue)
+    prefix_routing: bool = True
     # Flower (`tokenmill flower`, and inside `tokenmill up`)
     flower_host: str = "127.0.0.1"
     flower_port: int = 5555

@@ -415,7 +415,8 @@ class Stack:
 
     def status(self) -> dict[str, Any]:
         """Live figures: children, workers' engine figures, queue depths, job counts."""
-        from contract.queues import PRIORITY_BULK, priority_lists, queue_for
+        from contract.prefix_routing import ROUTE_WORKERS_KEY, parse_route_worker
+        from contract.queues import PRIORITY_BULK, priority_lists, queue_for, worker_queue
         from contract.redis_keys import WORKER_STATS_PATTERN, worker_of
 
         out: dict[str, Any] = {"children": [], "workers": [], "queue": None, "jobs": None}
@@ -428,7 +429,10 @@ class Stack:
                     fields["hostname"] = worker_of(key)
                     out["workers"].append(fields)
             q = queue_for(self.opts.served_name)
-            names = priority_lists(q)
+            # The routing workers' own queues (docs/routing.md) hold the model's tasks too.
+            routed = [worker_queue(q, i.decode()) for i, raw in self._redis.hgetall(ROUTE_WORKERS_KEY).items()
+                      if (entry := parse_route_worker(raw)) is not None and entry[0] == q]
+            names = [pl for name in [q, *routed] for pl in priority_lists(name)]
             pipe = self._redis.pipeline(transaction=False)
             for _, n in names:
                 pipe.llen(n)

@@ -16,7 +16,7 @@ import ast
 import re
 from typing import Any
 
-from contract.queues import QUEUE_PREFIX, TASK_GENERATE, TASK_GENERATE_BULK
+from contract.queues import QUEUE_PREFIX, TASK_GENERATE, TASK_GENERATE_BULK, shared_queue_of
 
 MAX_SHOWN = 200  # characters of any other task's arguments or result
 _JOB_ID = re.compile(r"['\"]([A-Za-z0-9_\-]{1,80})['\"]")
@@ -26,7 +26,7 @@ def _model(task: Any) -> str | None:
     for attr in ("routing_key", "queue"):
         value = getattr(task, attr, None)
         if isinstance(value, str) and value.startswith(QUEUE_PREFIX):
-            return value[len(QUEUE_PREFIX):]
+            return shared_queue_of(value)[len(QUEUE_PREFIX):]  # a routed task's too
     return None
 
 

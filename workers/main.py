@@ -74,10 +74,11 @@ def run_worker(opts: WorkerOptions) -> None:
     from contract import tracing
     from contract.celery_app import QueueConfig, declare_queues, make_celery
     from contract.liveness import new_instance_id
-    from contract.queues import queue_for
+    from contract.queues import queue_for, worker_queue
     from engine import Engine
     from store.facade import Store
     from workers.engine_events import install_engine_figures
+    from workers.prefix_index import PrefixPublisher
     from workers.recovery import Recoverer, kombu_restorer
     from workers.runtime import WorkerConfig, WorkerRuntime
     from workers.tasks import register_tasks
@@ -98,29 +99,36 @@ def run_worker(opts: WorkerOptions) -> None:
                                     fault_crash_marker=opts.fault_crash_marker), engine, store).start()
     app = make_celery(QueueConfig(redis_url=opts.redis_url, visibility_timeout_s=opts.visibility_timeout_s,
                                   worker_instance=instance))
-    declare_queues(app, [opts.served_model])
+    # Its own queue (prefix routing, docs/routing.md), consumed after the shared one at each
+    # priority step: a routed job never overtakes a shared job of the same priority.
+    own_queue = worker_queue(queue_for(opts.served_model), instance)
+    declare_queues(app, [opts.served_model], extra=[own_queue])
     # Every live worker restores the tasks of dead ones (workers.recovery), this one included.
     recoverer = Recoverer(opts.redis_url, store, kombu_restorer(app),
                           own_lapsed=lambda: rt.heartbeat.lapsed).start()
+    rt.prefixes = PrefixPublisher(opts.redis_url, queue_for(opts.served_model), instance)
     register_tasks(app, rt)
     install_engine_figures(app, rt)  # engine figures in worker stats and events (Flower)
     worker = app.Worker(
         hostname=hostname, pool="threads", concurrency=opts.concurrency,
-        queues=[queue_for(opts.served_model)], loglevel=opts.loglevel,
+        queues=[queue_for(opts.served_model), own_queue], loglevel=opts.loglevel,
         without_mingle=True, without_gossip=True, task_events=True,
     )
     # SIGTERM (or SIGINT): Celery's warm shutdown stops consuming and waits for the running tasks;
     # the runtime lets them finish for the grace period, then hands what is left back to the queue.
     # A cold shutdown (SIGQUIT) hands everything back at once.
     def on_shutting_down(how: str = "Warm", **_: object) -> None:
+        rt.prefixes.withdraw()  # no more routed jobs; those waiting for it go to the shared queue
         rt.begin_shutdown(opts.shutdown_grace_s if how == "Warm" else 0.0)
 
     signals.worker_shutting_down.connect(on_shutting_down, weak=False)
     log.info("worker %s ready (instance %s): model %s, queue %s", hostname, instance, opts.served_model,
              queue_for(opts.served_model))
+    rt.prefixes.start()
     try:
         worker.start()
     finally:
+        rt.prefixes.stop()  # what waits in its own queue goes to the shared one
         recoverer.stop()
         rt.stop()
         store.close()

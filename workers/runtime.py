@@ -100,6 +100,8 @@ class WorkerRuntime:
         # (retried, then the task goes back) instead of blocking it.
         self._liveness = redis.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.last_figures: dict[str, Any] = {}  # the latest engine figures (read by workers.engine_events)
+        # Prefix routing (workers.prefix_index): set by workers.main; None where no worker queue is consumed.
+        self.prefixes: Any = None
 
     def start(self) -> "WorkerRuntime":
         self.heartbeat.start()  # before any task can be delivered to this instance

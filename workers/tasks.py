@@ -173,6 +173,8 @@ class _TaskRun:
     def _submit(self, job: _Job) -> Future:
         claim, request = job.claim, job.claim.request or {}
         priority = claim.priority + (BULK_PRIORITY_OFFSET if claim.kind == "bulk" else 0)
+        if self.rt.prefixes is not None:  # its prefixes are in this engine's cache from now on
+            self.rt.prefixes.publish(request)
         return self.rt.loop.submit(claim.id, prompt=request.get("prompt"), messages=request.get("messages"),
                                    params=job.params, priority=priority,
                                    on_delta=self.rt.publish_delta if job.stream else None,
