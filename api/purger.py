@@ -6,9 +6,9 @@ minute after the process starts, so a fleet restarting together does not purge a
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 
+from api.periodic import Periodic
 from api.queue import Dispatcher
 from store import Store
 from store.retention import PurgeReport
@@ -19,28 +19,18 @@ LOCK = "retention-purge"
 FIRST_PASS_S = 60.0
 
 
-class Purger:
+class Purger(Periodic):
     """Runs the retention purge periodically in one API process."""
 
+    thread_name = "retention-purge"
+    what = "retention purge"
+
     def __init__(self, store: Store, dispatcher: Dispatcher, *, default_days: int, interval_s: float) -> None:
+        super().__init__(interval_s, first_wait_s=min(FIRST_PASS_S, interval_s))
         self._store = store
         self._dispatcher = dispatcher
         self.default_days = default_days
-        self.interval_s = interval_s
         self._token = uuid.uuid4().hex
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="retention-purge", daemon=True)
-
-    def start(self) -> None:
-        """Starts the loop (an interval <= 0: never)."""
-        if self.interval_s > 0:
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stops the loop (a pass in progress ends after its current transaction)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
 
     def run_once(self) -> PurgeReport | None:
         """One purge if this process holds the lock (None: another process does it)."""
@@ -52,12 +42,3 @@ class Purger:
             log.info("retention purge: %d jobs, %d batches, %d files removed; %d usage rows folded per hour",
                      report.jobs, report.batches, report.files, report.usage_rows_folded)
         return report
-
-    def _loop(self) -> None:
-        wait = min(FIRST_PASS_S, self.interval_s)
-        while not self._stop.wait(wait):
-            wait = self.interval_s
-            try:
-                self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the store or Redis down: the next pass retries
-                log.warning("retention purge failed: %r", exc)

@@ -10,17 +10,14 @@ record is consumed by the settlement that uses it), so reading a job twice is ha
 
 from __future__ import annotations
 
-import logging
-import threading
 import uuid
 from datetime import datetime, timedelta
 
 from api.limits import PREFIX, Limiter
+from api.periodic import Periodic
 from api.queue import Dispatcher
 from store import Store
 from store.sql import utcnow
-
-log = logging.getLogger(__name__)
 
 LOCK = "limits-settler"
 MARK = f"{PREFIX}:settled-until"  # ISO time: jobs finished before (this - OVERLAP) are settled
@@ -29,28 +26,18 @@ FIRST_LOOK_BACK = timedelta(days=1)  # no mark yet: settle what finished in the 
 PAGE = 5000
 
 
-class Settler:
+class Settler(Periodic):
     """Settles the reservations of finished jobs, one API process at a time."""
 
+    thread_name = "limits-settler"
+    what = "settling token reservations"
+
     def __init__(self, store: Store, dispatcher: Dispatcher, limiter: Limiter, *, interval_s: float = 1.0) -> None:
+        super().__init__(interval_s)
         self._store = store
         self._dispatcher = dispatcher
         self._limiter = limiter
-        self.interval_s = interval_s
         self._token = uuid.uuid4().hex
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="limits-settler", daemon=True)
-
-    def start(self) -> None:
-        """Starts the periodic loop (an interval <= 0: never)."""
-        if self.interval_s > 0:
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stops the loop."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
 
     def run_once(self) -> int:
         """One pass if this process holds the lock; returns how many jobs it settled."""
@@ -70,10 +57,3 @@ class Settler:
             if len(done) < PAGE or done[-1].finished_at - OVERLAP <= done[0].finished_at:
                 break
         return settled
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.run_once()
-            except Exception as exc:  # noqa: BLE001 - Redis or the store down: the next pass retries
-                log.warning("settling token reservations failed: %r", exc)
