@@ -33,7 +33,6 @@ them again within a second, so a running job is taken only after its worker has 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections import defaultdict
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable
 
+from api.periodic import Periodic
 from api.queue import Dispatcher, QueueUnavailable
 from contract.liveness import live_instances
 from contract.redis_keys import WORKER_STATS_TTL_S
@@ -66,33 +66,23 @@ class ReconcileReport:
     resent: dict[str, int] = field(default_factory=dict)  # by job status at the time: queued, running
 
 
-class Reconciler:
+class Reconciler(Periodic):
     """Finds the open jobs whose tasks Redis lost and sends them again (one API process at a time)."""
+
+    thread_name = "reconciler"
+    what = "reconciler pass"
 
     def __init__(self, store: Store, dispatcher: Dispatcher, *, interval_s: float = 10.0, min_age_s: float = 30.0,
                  page: int = 5000, on_resent: Callable[[str], None] | None = None) -> None:
+        super().__init__(interval_s)
         self._store = store
         self._on_resent = on_resent  # metrics hook: called with the job's status for each job sent again
         self._dispatcher = dispatcher
-        self.interval_s = interval_s
         self.min_age_s = min_age_s
         self._page = page
         self._token = uuid.uuid4().hex
         self._suspects: dict[str, float] = {}  # job id -> when it was first seen missing (monotonic)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
         self.resent_total: dict[str, int] = defaultdict(int)  # for /metrics (this process)
-
-    def start(self) -> None:
-        """Starts the periodic passes (a non-positive interval turns the reconciler off)."""
-        if self.interval_s > 0:
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stops after the current pass."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
 
     def tick(self) -> ReconcileReport:
         """One pass; see the module's docstring."""
@@ -139,6 +129,9 @@ class Reconciler:
                         len(jobs), ", ".join(f"{n} {status}" for status, n in sorted(report.resent.items())) or "none")
         return report
 
+    def run_once(self) -> ReconcileReport:
+        return self.tick()
+
     def _resend(self, jobs: list[OpenJob]) -> set[str]:
         """Sends the jobs' tasks again as they were first sent: interactive jobs one task each,
         bulk jobs in bulk tasks. Returns the ids sent (Redis may refuse part of them)."""
@@ -159,10 +152,3 @@ class Reconciler:
                 continue
             sent |= set(ids)
         return sent
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.tick()
-            except Exception as exc:  # Redis or the database is down: the next pass tries again
-                log.warning("reconciler pass failed: %r", exc)

@@ -134,9 +134,10 @@ def start_server(database_url: str, redis_url: str, tiny_dir: Path, log_dir: Pat
 def server(database_url: str, redis_url: str, tiny_dir: Path, worker: Proc,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The live API (with a live worker behind it)."""
-    # webhook_interval_s=0: this process sends no webhooks. One API process at a time sends them
-    # (a Redis lock), and test_api_webhooks.py runs its own process allowed to reach its loopback
-    # receiver; API processes sharing a Redis are meant to share their settings, these two do not.
+    # webhook_interval_s=0: this process sends no webhooks. At the default (a pass every second) it
+    # could take the one sending lock (one API process at a time sends, per Redis) and then refuse
+    # test_api_webhooks.py's loopback receiver, which only that test's own process is allowed to
+    # reach: API processes sharing a Redis are meant to share their settings, these two do not.
     s = start_server(database_url, redis_url, tiny_dir, tmp_path_factory.mktemp("api"), batch_max_lines="5000",
                      webhook_interval_s="0")
     yield s

@@ -181,8 +181,8 @@ def second_server(database_url: str, redis_url: str, tiny_dir: Path, worker,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A second API process on the same store and Redis; it answers a spent budget with 402 (the
     setting under test; the first process keeps the default, 429)."""
-    # webhook_interval_s=0: as the session's server (conftest.py), it leaves webhooks to the
-    # webhook tests' own process
+    # webhook_interval_s=0: as the session's server (conftest.py): at the default it could take the
+    # sending lock and refuse the webhook tests' loopback receiver, which only their process may reach
     s = start_server(database_url, redis_url, tiny_dir, tmp_path_factory.mktemp("api2"), budget_status="402",
                      webhook_interval_s="0")
     yield s
