@@ -28,3 +28,7 @@ HEARTBEAT_INTERVAL_S = 1.0  # how often a live worker renews it
 # kombu delivery tag -> the worker instance holding that delivery (kept by contract.redis_transport
 # beside kombu's own ``unacked`` hash, in the same transaction).
 UNACKED_OWNER_KEY = "tokenmill:unacked_owner"
+# A queue's bell (contract.redis_delivery): a stream that every push into the queue adds an entry
+# to, so that idle consumers wait for work without taking it. Kept while pushed to.
+QUEUE_BELL_KEY = "tokenmill:bell:{queue}"
+QUEUE_BELL_TTL_S = 24 * 3600

@@ -15,6 +15,7 @@ import redis
 from contract.prefix_routing import (PREFIX_TTL_S, ROUTE_WORKERS_KEY, prefix_hashes, prefix_key, prompt_text,
                                      route_worker_entry)
 from contract.queues import priority_lists, worker_queue
+from contract.redis_delivery import RING_LUA, bell_key
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +23,12 @@ REGISTER_INTERVAL_S = 1.0
 
 # Moves every waiting message of a worker queue's priority lists to the same priority list of the
 # shared queue, in one script (atomic: of several recoverers, one moves them, the others find the
-# lists empty). KEYS: the worker queue's lists, then the shared queue's, in the same order. The
-# oldest message (the right end, where kombu consumes) ends up at the shared list's right end, in
-# front of the shared queue's own waiting tasks: it has waited longer.
+# lists empty). KEYS: the worker queue's lists, then the shared queue's, in the same order, then
+# the shared queue's bell (rung when anything moved: idle workers wait on it). The oldest message
+# (the right end, where kombu consumes) ends up at the shared list's right end, in front of the
+# shared queue's own waiting tasks: it has waited longer.
 _DRAIN = """
-local n = #KEYS / 2
+local n = (#KEYS - 1) / 2
 local moved = 0
 for i = 1, n do
     while true do
@@ -35,6 +37,9 @@ for i = 1, n do
         redis.call('rpush', KEYS[n + i], m)
         moved = moved + 1
     end
+end
+if moved > 0 then
+    """ + RING_LUA.format(bell="KEYS[#KEYS]") + """
 end
 return moved
 """
@@ -45,7 +50,7 @@ def drain_worker_queue(client: redis.Redis, model_queue: str, instance: str) -> 
     how many moved."""
     own = [name for _, name in priority_lists(worker_queue(model_queue, instance))]
     shared = [name for _, name in priority_lists(model_queue)]
-    return int(client.eval(_DRAIN, len(own) + len(shared), *own, *shared))
+    return int(client.eval(_DRAIN, len(own) + len(shared) + 1, *own, *shared, bell_key(model_queue)))
 
 
 class PrefixPublisher:
