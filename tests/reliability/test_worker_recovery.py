@@ -64,6 +64,7 @@ def test_sigkilled_worker_restarted_under_the_same_name_gets_its_jobs_back_withi
     final = wait_final(rel_store, rel_tenant, len(ids), timeout=120)
     worker.terminate()  # the module's next test counts on its own workers only
     assert final == {"succeeded": len(ids)}, dict(final)
+    assert dict(rel_reconciler.resent_total) == {}  # the recovery brought every task back, none was lost
     assert_each_stored_once(rel_store, ids, bodies)
     print(f"{len(held)} held jobs: running again {again - killed:.1f}s after the SIGKILL, "
           f"{again - ready:.1f}s after the new worker was ready")
@@ -92,6 +93,7 @@ def test_worker_cut_off_from_redis_loses_its_jobs_to_another_and_writes_no_secon
         other = spawn_worker(concurrency=64, visibility_timeout_s=DEFAULT_VISIBILITY_TIMEOUT_S)
         final = wait_final(rel_store, rel_tenant, len(ids), timeout=120)
         assert final == {"succeeded": len(ids)}, dict(final)
+        assert dict(rel_reconciler.resent_total) == {}  # the recovery brought every task back
         proxy.resume()  # reconnected: whatever it still finishes must not count again
         time.sleep(8)
         assert cut.alive(), cut.log()

@@ -5,8 +5,9 @@ has succeeded exactly once (one result, one usage row), and the usage adds up to
 requests forced (prompt lengths; max_tokens with ignore_eos).
 
 A task that Redis was handing to the worker
-at the very moment of the kill is gone from Redis, and the reconciler (which API processes run)
-sends it again. Worker losses the worker cannot explain (SIGKILL, the OOM killer) are never charged to a job as a
+at the very moment of the kill is recorded against it all the same (`contract.redis_delivery`) and
+comes back the same way: the reconciler, which API processes run, runs at its defaults and sends
+nothing again. Worker losses the worker cannot explain (SIGKILL, the OOM killer) are never charged to a job as a
 failure (`workers.suspects`): a job lost three times only runs alone next time."""
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def test_three_sigkills_mid_batch_lose_no_job_and_count_none_twice(
     assert sum(a > 1 for a in starts) >= 8 * len(KILL_AT) // 2, "the kills hit almost no running job"
     time.sleep(1.0)
     assert unacked(rel_redis) == 0  # every task acknowledged in the end
+    assert dict(rel_reconciler.resent_total) == {}, "a task was lost from Redis: the reconciler sent it again"
     print(f"{JOBS} jobs, SIGKILL at (succeeded, in the engine) {kills}: {sum(a > 1 for a in starts)} jobs ran "
           f"again (at most {max(starts)} starts), tasks re-sent by the reconciler "
           f"{dict(rel_reconciler.resent_total)}; all {JOBS} stored once; {took:.0f}s")
