@@ -22,9 +22,12 @@ Why so careful: a task that exists twice is not harmless. The worker claims a jo
 store, so a duplicate of a finished, cancelled or expired job is skipped; but the claim also takes
 a ``running`` job (that is how a lost worker's redelivered task resumes it), so a duplicate of a job
 that is waiting or running would start it a second time. Redis is read a page at a time while
-workers take tasks, and a task popped by a worker that has not yet recorded it as unacknowledged is
-in neither place for a moment: hence a queued job must be missing on two passes, seconds apart,
-and still queued in the store. A running job's task is gone for good only if Redis lost it, and
+workers take tasks: a task that moves from its queue to the ``unacked`` hash between the reads of
+the two (and, from a consumer not using `contract.redis_transport`, one popped but not yet
+recorded) is seen in neither place: hence a queued job must be missing on two passes, seconds
+apart, and still queued in the store. A task taken by a worker that dies is not this module's
+business: it is recorded against the worker in the step that takes it (`contract.redis_delivery`)
+and the workers' recovery (`workers.recovery`) puts it back. A running job's task is gone for good only if Redis lost it, and
 its worker's figures vanish at the same moment even if the worker lives; a live worker publishes
 them again within a second, so a running job is taken only after its worker has been silent for
 15 s.
