@@ -18,9 +18,10 @@ A worker's channel is given its instance id (transport option ``worker_instance`
 `contract.liveness`). Then every task delivered to it is written to ``UNACKED_OWNER_KEY`` in the
 same script that takes it from the queue, and removed with kombu's ``unacked`` entry
 (acknowledged, rejected or restored to the queue), so a dead instance's tasks can be found and
-restored without waiting for the visibility timeout. While the consumer lives it also pushes the delivery time of the tasks it
-holds forward (``unacked_index``), so that the visibility timeout never hands a task that a live
-worker still runs to a second one: the timeout is only a backstop for deliveries nobody owns.
+restored without waiting for the visibility timeout, even one Redis was handing over when it died.
+While the consumer lives it also pushes the delivery time of the tasks it holds forward
+(``unacked_index``), so that the visibility timeout never hands a task that a live worker still
+runs to a second one: the timeout is only a backstop for deliveries nobody owns.
 Everything else is kombu's.
 """
 

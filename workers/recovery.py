@@ -11,7 +11,9 @@ dead instance, in this order:
    on the job still being claimed by that instance: several recoverers change each job once);
 2. each of its deliveries is restored to the front of its queue by kombu's own restore, a Redis
    transaction that removes it from the ``unacked`` hash (and its owner entry) and pushes the same
-   message back: of several recoverers exactly one pushes it, the others find it gone.
+   message back: of several recoverers exactly one pushes it, the others find it gone. A task is
+   recorded as delivered in the same step that takes it from its queue (`contract.redis_delivery`),
+   so this covers one that Redis was handing over when the instance died.
 
 3. the tasks waiting in its own queue (prefix routing, `workers.prefix_index`) move to the shared
    model queue, in one script (atomic). This is done again on every pass until the instance has
@@ -133,8 +135,9 @@ class Recoverer:
 
 def kombu_restorer(app: Any) -> Callable[[str], None]:
     """Restores one delivery tag with kombu's own transaction (the same message, back at the front
-    of its queue and priority: kombu sends with LPUSH and consumes with BRPOP, so the front is the
-    right end, where its own visibility-timeout restore puts messages too)."""
+    of its queue and priority: kombu sends with LPUSH and consumers take from the right end
+    (`contract.redis_delivery`, as BRPOP would), so the front is the right end, where kombu's own
+    visibility-timeout restore puts messages too; the restore rings the queue's bell)."""
 
     def restore(tag: str) -> None:
         with app.connection_for_write() as conn:
