@@ -159,13 +159,22 @@ class WorkerRuntime:
     def claim_now(self, job_ids: list[str]) -> list[JobClaim]:
         """Marks the jobs running (counting the attempt), except those that another live worker
         process runs (a copy of their task is not a reason to start them twice); the store or Redis
-        may be restarting: retried (`workers.store_retry`), then the last error is raised."""
+        may be restarting: retried (`workers.store_retry`), then the last error is raised.
+
+        First the jobs nobody runs (one transaction: the common case); only for what is left, the
+        owners' liveness is read and the jobs of dead ones are taken over."""
 
         def claim() -> list[JobClaim]:
-            owners = self.store.jobs.running_instances(job_ids)
+            jobs = self.store.jobs
+            claims = jobs.mark_running(job_ids, self.config.hostname, self.config.instance, takeover=())
+            rest = set(job_ids) - {c.id for c in claims}
+            owners = jobs.running_instances(sorted(rest)) if rest else {}
+            if not owners:
+                return claims
             instances = {owner for owner in owners.values() if owner}
             dead = instances - self.live(instances)
-            return self.store.jobs.mark_running(job_ids, self.config.hostname, self.config.instance, takeover=dead)
+            taken = jobs.mark_running(sorted(owners), self.config.hostname, self.config.instance, takeover=dead)
+            return sorted(claims + taken, key=lambda c: c.id)
 
         return store_retrying(claim)
 
