@@ -9,7 +9,8 @@ Stages of one job, in order (``n`` counts what the comment names):
 
 - ``delivery``: from the send (the task's ``enqueued_at``) to the task starting in a worker
   thread: waiting in Redis plus Celery's delivery; one per task;
-- ``claim``: the claim transaction in the store; one per task;
+- ``claim``: the task's claim, from handing its jobs to the claimer (workers.claim_batcher) to
+  holding its claims (the group's transaction, and any group claimed before it); one per task;
 - ``inbox``: from the task handing its request to the engine loop to the engine having added it
   (the loop takes its inbox between steps); one per job;
 - ``engine``: from the engine adding the request to its last token; one per job;

@@ -21,10 +21,13 @@ from contract.redis_keys import (CANCEL_CHANNEL, STREAM_CHANNEL, WORKER_METRICS_
                                  WORKER_STATS_TTL_S)
 from engine import Engine, EngineStats, RequestOutput
 from store import Store
+from store.types import JobClaim
+from workers.claim_batcher import ClaimBatcher
 from workers.engine_loop import EngineLoop, GivenBack
 from workers.metrics import WorkerMetrics
 from workers.path_timings import PathTimings
 from workers.result_writer import ResultWriter
+from workers.store_retry import store_retrying
 from workers.suspects import SuspectLedger
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,8 @@ class WorkerRuntime:
         self.loop = EngineLoop(engine, on_stats=self._publish_stats, on_crash=self._die,
                                fault_marker=config.fault_crash_marker, timings=self.timings)
         self.writer = ResultWriter(store, timings=self.timings)
+        # The claims of concurrent tasks, one transaction for all of them (workers.claim_batcher).
+        self.claims = ClaimBatcher(self.claim_now)
         # Its own client, with timeouts: it also speaks on the way out of a crashed process.
         self.suspects = SuspectLedger(redis.Redis.from_url(config.redis_url, socket_timeout=5,
                                                            socket_connect_timeout=5))
@@ -106,6 +111,7 @@ class WorkerRuntime:
     def start(self) -> "WorkerRuntime":
         self.heartbeat.start()  # before any task can be delivered to this instance
         self.writer.start()
+        self.claims.start()
         self.loop.start()
         self._cancel_thread.start()
         self._publish_stats(self.loop.engine.stats(), 0.0)
@@ -118,6 +124,7 @@ class WorkerRuntime:
         if self._grace_timer is not None:
             self._grace_timer.cancel()
         self.loop.stop()
+        self.claims.stop()
         self.writer.stop()
         self._metrics_stop.set()
         if self._metrics_thread.is_alive():
@@ -148,6 +155,28 @@ class WorkerRuntime:
         """The jobs this process runs now."""
         with self._held_lock:
             return list(self._held)
+
+    def claim_now(self, job_ids: list[str]) -> list[JobClaim]:
+        """Marks the jobs running (counting the attempt), except those that another live worker
+        process runs (a copy of their task is not a reason to start them twice); the store or Redis
+        may be restarting: retried (`workers.store_retry`), then the last error is raised.
+
+        First the jobs nobody runs (one transaction: the common case); only for what is left, the
+        owners' liveness is read and the jobs of dead ones are taken over."""
+
+        def claim() -> list[JobClaim]:
+            jobs = self.store.jobs
+            claims = jobs.mark_running(job_ids, self.config.hostname, self.config.instance, takeover=())
+            rest = set(job_ids) - {c.id for c in claims}
+            owners = jobs.running_instances(sorted(rest)) if rest else {}
+            if not owners:
+                return claims
+            instances = {owner for owner in owners.values() if owner}
+            dead = instances - self.live(instances)
+            taken = jobs.mark_running(sorted(owners), self.config.hostname, self.config.instance, takeover=dead)
+            return sorted(claims + taken, key=lambda c: c.id)
+
+        return store_retrying(claim)
 
     def live(self, instances: set[str]) -> set[str]:
         """Which of the worker instances have a heartbeat (this one always counts as live)."""

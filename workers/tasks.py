@@ -33,6 +33,7 @@ from workers.metrics import JobTimes, job_times
 from workers.path_timings import timed_request_class
 from workers.result_writer import ResultRejected
 from workers.runtime import Holding, WorkerRuntime
+from workers.store_retry import store_retrying
 from workers.suspects import ALONE, CLEAR, EXHAUSTED, exhausted_message, verdict
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ class _TaskRun:
     def _store(self) -> None:
         rt = self.rt
         if self.failures:
-            _store_retrying(lambda: rt.store.jobs.mark_failed(self.failures))
+            store_retrying(lambda: rt.store.jobs.mark_failed(self.failures))
             self.counts["failed"] += len(self.failures)
             self._count_failed(self.failures)
         rejected: list[JobFailure] = []
@@ -258,12 +259,12 @@ class _TaskRun:
                 rt.metrics.stored(*self.times[job_id])
                 _log_finished(job_id, self.claims.get(job_id), *self.times[job_id])
         if rejected:
-            _store_retrying(lambda: rt.store.jobs.mark_failed(rejected))
+            store_retrying(lambda: rt.store.jobs.mark_failed(rejected))
             self.counts["failed"] += len(rejected)
             self._count_failed(rejected)
         if self.holding.given_back:
             back = sorted(self.holding.given_back)
-            _store_retrying(lambda: rt.store.jobs.give_back(back, rt.config.hostname, rt.config.instance))
+            store_retrying(lambda: rt.store.jobs.give_back(back, rt.config.hostname, rt.config.instance))
             log.info("handed %d unfinished job(s) back to the queue", len(back))
 
 
@@ -285,19 +286,11 @@ def _log_finished(job_id: str, claim: JobClaim | None, t: JobTimes, status: str)
 
 
 def _claim(rt: WorkerRuntime, job_ids: list[str]) -> list[JobClaim]:
-    """Marks the jobs running (counting the attempt), except those that another live worker
-    process runs (a copy of their task is not a reason to start them twice); the store or Redis may
-    be restarting: retried, and if they stay away, the task goes back to the queue rather than
-    being lost."""
-
-    def claim() -> list[JobClaim]:
-        owners = rt.store.jobs.running_instances(job_ids)
-        instances = {owner for owner in owners.values() if owner}
-        dead = instances - rt.live(instances)
-        return rt.store.jobs.mark_running(job_ids, rt.config.hostname, rt.config.instance, takeover=dead)
-
+    """Marks the jobs running, with those of the other tasks claiming now (workers.claim_batcher,
+    `WorkerRuntime.claim_now`); if the store stays away, the task goes back to the queue rather
+    than being lost."""
     try:
-        return _store_retrying(claim)
+        return rt.claims.claim(job_ids)
     except Exception as e:  # noqa: BLE001 - whatever it is, the task must not be acknowledged
         raise Reject(f"could not claim the jobs in the store ({e!r})", requeue=True) from e
 
@@ -342,16 +335,3 @@ def _publish_end(rt: WorkerRuntime, job_id: str, reason: str) -> None:
                          json.dumps({"text": "", "token_ids": [], "finished": True, "finish_reason": reason}))
     except Exception:  # noqa: BLE001 - streaming is best effort
         pass
-
-
-def _store_retrying(work: Any, attempts: int = 30) -> Any:
-    backoff = 0.1
-    for i in range(attempts):
-        try:
-            return work()
-        except Exception as e:  # noqa: BLE001 - the database may be restarting
-            if i == attempts - 1:
-                raise
-            log.warning("store call failed (%r); retrying in %.1fs", e, backoff)
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
