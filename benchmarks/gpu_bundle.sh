@@ -28,6 +28,7 @@ download() {
 }
 
 mkdir -p "$DEST"
+DEST=$(cd "$DEST" && pwd)  # absolute: the steps below run from other folders
 rm -rf "$DEST/whl" "$DEST/pg16.tar.xz" "$DEST/smollm2-135m"
 mapfile -t pins < <(grep -v '^\s*#' "$HERE/gpu_wheels.txt" | grep -v '^\s*$')
 download "$DEST/whl" "${pins[@]}"
