@@ -767,7 +767,7 @@ def main() -> None:
             opts = {"model": str(dirs[m.name]), "served_model": m.name,
                     "device": "cuda" if args.device.startswith("cuda") else "cpu", "dtype": "auto",
                     "database_url": "", "redis_url": "", "concurrency": 0,
-                    "max_num_seqs": _worker_default("max_num_seqs"), "max_attempts": 0,
+                    "max_num_seqs": _worker_default("max_num_seqs") or None, "max_attempts": 0,
                     "visibility_timeout_s": 0, "load_format": "dummy"}
             alone_workloads = {}
             for w in todo:  # one engine-alone run per distinct set of prompts
@@ -843,10 +843,11 @@ def main() -> None:
 
 
 def _worker_default(name: str) -> Any:
-    """A worker setting's default (tokenmill.settings is its one home)."""
+    """A worker setting as the worker started here reads it: tokenmill.settings (its one home) over
+    this environment, so that TOKENMILL_MAX_NUM_SEQS given to the benchmark holds for both paths."""
     from tokenmill.settings import Settings
 
-    return getattr(Settings.from_env({}), name)
+    return getattr(Settings.from_env(dict(os.environ)), name)
 
 
 if __name__ == "__main__":
