@@ -4,10 +4,11 @@ Each step has a token budget (`max_num_batched_tokens`) and a sequence cap (`max
 Running requests come first, in priority order (lower number first; inside a priority, fair
 queueing between tenants by weight, then arrival), each taking what it still needs: one token for
 a decode, or the next chunk of a long prompt. Waiting requests are then admitted in the same order
-while budget, sequence slots and KV blocks last. When a running request cannot get a block, the
-newest request of the lowest priority (of the tenant most ahead of its share) is preempted: its
-blocks are freed and it is recomputed later from its tokens (which the prefix cache often still
-holds).
+while budget, sequence slots and KV blocks last; a waiting request of a better priority step than
+a running one that finds no slot or block takes the place of the newest running request of the
+worst step. When a running request cannot get a block, the newest request of the lowest priority
+(of the tenant most ahead of its share) is preempted. A preempted request's blocks are freed and
+it is recomputed later from its tokens (which the prefix cache often still holds).
 """
 
 from __future__ import annotations
@@ -122,22 +123,36 @@ class Scheduler:
                 scheduled.add(id(request))
                 budget -= n
 
-        # New work joins only when nothing had to be preempted: admitting it now would just
-        # push the preempted ones out again. The n - 1 other completions of a prompt wait until
+        # New work joins only when nothing had to be preempted (admitting it now would just push
+        # the preempted ones out again) and while sequence slots last, unless it is of a better
+        # priority step than some running request: then it takes the place of the newest request
+        # of the worst step (`_displace`), so interactive work gets in at the next step instead of
+        # waiting for a bulk request to finish. The n - 1 other completions of a prompt wait until
         # the first has computed it: then the prefix cache hands them its blocks (no n-fold
         # prefill); only the prompt's last, partial block is theirs to compute.
+        tight = bool(batch.preempted)
+        made_room_for: Request | None = None
         at = 0
-        while (at < len(self.waiting) and budget > 0 and not batch.preempted
-               and len(self.running) < self.max_num_seqs):
+        while at < len(self.waiting) and budget > 0:
             request = self.waiting[at][1]
             if self.kv.enable_prefix_caching and request.waits_for_leader:
                 at += 1
+                continue
+            if (tight or len(self.running) >= self.max_num_seqs) and made_room_for is not request:
+                if not self._displace(request, batch):
+                    break
+                budget = self.max_num_batched_tokens - batch.total_tokens
+                made_room_for = request
                 continue
             cached = self.kv.find_cached_prefix(request)
             num_cached = len(cached) * self.kv.block_size
             n = min(request.num_tokens - num_cached, budget)
             if not self.kv.allocate(request, n, cached):
-                break
+                if not self._displace(request, batch):
+                    break
+                budget = self.max_num_batched_tokens - batch.total_tokens
+                made_room_for = request
+                continue
             self.waiting.pop(at)
             self._vtime = max(self._vtime, self._key(request)[1])
             if request.num_preemptions == 0:
@@ -149,6 +164,22 @@ class Scheduler:
             batch.num_tokens.append(n)
             budget -= n
         return batch
+
+    def _displace(self, request: Request, batch: ScheduledBatch) -> bool:
+        """Makes room for a waiting request by preempting the newest running request of the
+        worst priority step, if that step is worse than the request's (between tenants, the one
+        furthest ahead of its share). The victim leaves this step's batch if it was in it.
+        Returns whether a request was preempted."""
+        worse = [r for r in self.running if r.priority > request.priority]
+        if not worse:
+            return False
+        victim = max(worse, key=self._key)
+        for i, r in enumerate(batch.requests):
+            if r is victim:
+                del batch.requests[i], batch.num_tokens[i]
+                break
+        self._preempt(victim, batch)
+        return True
 
     def _pick_victim(self, exclude: set[int]) -> Request:
         """The newest request of the lowest priority, preferring ones not yet scheduled; between

@@ -173,3 +173,70 @@ def test_preemption_takes_the_tenant_most_ahead_of_its_share():
     s.schedule()
     # A's third request starts furthest ahead in virtual time (A already had two before it).
     assert s._pick_victim(exclude=set()) is a[2]
+
+
+def test_a_better_priority_takes_the_place_of_running_bulk_at_the_sequence_cap():
+    kv = KVCacheManager(1024, BS)
+    s = Scheduler(kv, max_num_seqs=3, max_num_batched_tokens=64)
+    bulk = [req(f"bulk{i}", 4, 20, priority=1000, t=i) for i in range(3)]
+    for r in bulk:
+        s.add(r)
+    s.after_step(s.schedule())  # the three bulk requests fill the sequence slots
+    for r in bulk:
+        r.output_token_ids.append(1)
+    urgent = req("urgent", 4, 2, priority=0, t=10)
+    s.add(urgent)
+    batch = s.schedule()
+    # The newest bulk request gives its place (and leaves this step's batch); the others decode.
+    assert urgent in batch.requests
+    assert batch.preempted == [bulk[2]] and bulk[2] not in batch.requests
+    assert bulk[2].status is RequestStatus.WAITING and bulk[2].num_computed_tokens == 0
+    assert len(s.running) == 3 and batch.total_tokens == 2 + 4
+    s.after_step(batch)
+    kv.check_invariants(s.running)
+
+
+def test_a_better_priority_takes_the_blocks_of_running_bulk():
+    kv = KVCacheManager(6, BS, enable_prefix_caching=False)  # 24 token slots
+    s = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    bulk = [req(f"bulk{i}", 8, 20, priority=1000, t=i) for i in range(3)]  # two blocks each
+    for r in bulk:
+        s.add(r)
+    s.after_step(s.schedule())
+    assert kv.num_free_blocks == 0
+    urgent = req("urgent", 6, 2, priority=0, t=10)
+    s.add(urgent)
+    for r in bulk:
+        r.output_token_ids.append(1)
+    batch = s.schedule()
+    assert urgent in batch.requests
+    # Room for urgent's prompt and the survivors' decode blocks: the two newest bulk ones went.
+    assert [r.request_id for r in batch.preempted] == ["bulk2", "bulk1"]
+    kv.check_invariants(s.running)
+
+
+def test_equal_priorities_never_displace_each_other():
+    kv = KVCacheManager(1024, BS)
+    s = Scheduler(kv, max_num_seqs=2, max_num_batched_tokens=64)
+    for i in range(2):
+        s.add(req(f"old{i}", 4, 20, priority=1000, t=i))
+    s.after_step(s.schedule())
+    for r in s.running:
+        r.output_token_ids.append(1)
+    s.add(req("new", 4, 20, priority=1000, t=5))
+    batch = s.schedule()
+    assert not batch.preempted and [r.request_id for r in batch.requests] == ["old0", "old1"]
+
+
+def test_interactive_of_one_tenant_displaces_the_bulk_of_the_tenant_most_ahead():
+    kv = KVCacheManager(1024, BS)
+    s = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    # A's three bulk requests started first: A is ahead in virtual time of B's one.
+    for r in [*(_tenant_req(f"a{i}", "A", 1.0, t=i, priority=1000) for i in range(3)),
+              _tenant_req("b0", "B", 1.0, t=5, priority=1000)]:
+        s.add(r)
+    s.after_step(s.schedule())
+    s.add(_tenant_req("b-interactive", "B", 1.0, t=10, priority=0))
+    batch = s.schedule()
+    assert [r.request_id for r in batch.preempted] == ["a2"]
+    assert "b-interactive" in [r.request_id for r in batch.requests]
