@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from dataclasses import dataclass, field
 
 from engine.kv_cache import KVCacheManager
@@ -28,10 +29,26 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    by_priority: dict[int, int] = field(default_factory=dict)  # tokens per priority step
 
     @property
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
+
+    def add(self, request: Request, n: int) -> None:
+        self.requests.append(request)
+        self.num_tokens.append(n)
+        self.by_priority[request.priority] = self.by_priority.get(request.priority, 0) + n
+
+    def drop(self, request: Request) -> None:
+        """Takes a request out of the step again (preempted before the step ran)."""
+        for i, r in enumerate(self.requests):
+            if r is request:
+                self.by_priority[r.priority] -= self.num_tokens[i]
+                if not self.by_priority[r.priority]:
+                    del self.by_priority[r.priority]
+                del self.requests[i], self.num_tokens[i]
+                return
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -40,10 +57,14 @@ class ScheduledBatch:
 class Scheduler:
     """Continuous batching with chunked prefill, priorities and preemption by recomputation."""
 
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 priority_yield: float | None = None) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # In a step with requests of a better priority step, the worse steps get at most this many
+        # tokens per token of the best step's (None: no limit); see `EngineConfig.priority_yield`.
+        self.priority_yield = priority_yield
         self.waiting: list[tuple[tuple[int, float, float, int], Request]] = []  # sorted by key
         self.running: list[Request] = []
         self._order = itertools.count()
@@ -109,7 +130,7 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(request.num_uncomputed_tokens, budget)
+            n = min(request.num_uncomputed_tokens, budget, self._allowance(batch, request))
             if n == 0:
                 continue
             while not self.kv.allocate(request, n):
@@ -118,8 +139,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                batch.requests.append(request)
-                batch.num_tokens.append(n)
+                batch.add(request, n)
                 scheduled.add(id(request))
                 budget -= n
 
@@ -144,9 +164,12 @@ class Scheduler:
                 budget = self.max_num_batched_tokens - batch.total_tokens
                 made_room_for = request
                 continue
+            allowance = self._allowance(batch, request)
+            if allowance == 0:
+                break  # the rest wait behind better work (the waiting list is in priority order)
             cached = self.kv.find_cached_prefix(request)
             num_cached = len(cached) * self.kv.block_size
-            n = min(request.num_tokens - num_cached, budget)
+            n = min(request.num_tokens - num_cached, budget, allowance)
             if not self.kv.allocate(request, n, cached):
                 if not self._displace(request, batch):
                     break
@@ -160,10 +183,22 @@ class Scheduler:
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            batch.requests.append(request)
-            batch.num_tokens.append(n)
+            batch.add(request, n)
             budget -= n
         return batch
+
+    def _allowance(self, batch: ScheduledBatch, request: Request) -> int:
+        """The most tokens ``request`` may still take in this step under `priority_yield`: with
+        requests of a better priority step in the batch, the worse steps together get at most
+        `priority_yield` tokens per token of the best step's (at least one)."""
+        if self.priority_yield is None or not batch.by_priority:
+            return self.max_num_batched_tokens
+        best = min(batch.by_priority)
+        if request.priority <= best:
+            return self.max_num_batched_tokens
+        best_tokens = batch.by_priority[best]
+        worse_tokens = sum(batch.by_priority.values()) - best_tokens
+        return max(0, math.ceil(best_tokens * self.priority_yield) - worse_tokens)
 
     def _displace(self, request: Request, batch: ScheduledBatch) -> bool:
         """Makes room for a waiting request by preempting the newest running request of the
@@ -174,10 +209,7 @@ class Scheduler:
         if not worse:
             return False
         victim = max(worse, key=self._key)
-        for i, r in enumerate(batch.requests):
-            if r is victim:
-                del batch.requests[i], batch.num_tokens[i]
-                break
+        batch.drop(victim)
         self._preempt(victim, batch)
         return True
 

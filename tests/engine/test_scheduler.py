@@ -103,10 +103,10 @@ def test_preemption_frees_the_newest_lowest_priority_and_everything_finishes():
 @given(specs=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 10), st.integers(0, 2)),
                       min_size=1, max_size=12),
        num_blocks=st.integers(8, 24), budget=st.integers(1, 32), max_seqs=st.integers(1, 6),
-       caching=st.booleans())
-def test_random_workloads_always_finish_without_leaks(specs, num_blocks, budget, max_seqs, caching):
+       caching=st.booleans(), priority_yield=st.sampled_from([None, 0.25, 1.0]))
+def test_random_workloads_always_finish_without_leaks(specs, num_blocks, budget, max_seqs, caching, priority_yield):
     kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=caching)
-    s = Scheduler(kv, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+    s = Scheduler(kv, max_num_seqs=max_seqs, max_num_batched_tokens=budget, priority_yield=priority_yield)
     counter = itertools.count()
     reqs = []
     for p, m, prio in specs:
@@ -240,3 +240,41 @@ def test_interactive_of_one_tenant_displaces_the_bulk_of_the_tenant_most_ahead()
     batch = s.schedule()
     assert [r.request_id for r in batch.preempted] == ["a2"]
     assert "b-interactive" in [r.request_id for r in batch.requests]
+
+
+def test_bulk_yields_the_step_to_interactive_work_but_keeps_moving():
+    kv = KVCacheManager(1024, BS)
+    s = Scheduler(kv, max_num_seqs=64, max_num_batched_tokens=512, priority_yield=1.0)
+    bulk = [req(f"bulk{i}", 4, 50, priority=1000, t=i) for i in range(20)]
+    for r in bulk:
+        s.add(r)
+    s.after_step(s.schedule())
+    for r in bulk:
+        r.output_token_ids.append(1)
+    urgent = [req(f"urgent{i}", 4, 3, priority=0, t=100 + i) for i in range(3)]
+    for r in urgent:
+        s.add(r)
+    steps = run_to_completion(s)
+    first = next(steps)  # bulk decodes (20 tokens), then the urgent prompts join (12 tokens)
+    assert all(r in first.requests for r in urgent)
+    while any(r.status is not RequestStatus.FINISHED for r in urgent):
+        batch = next(steps)
+        urgent_tokens = sum(n for r, n in zip(batch.requests, batch.num_tokens) if r.priority == 0)
+        bulk_tokens = batch.total_tokens - urgent_tokens
+        if urgent_tokens:
+            # At most as many bulk tokens as interactive ones: 3 decodes, 3 bulk decodes.
+            assert 1 <= bulk_tokens <= urgent_tokens, (urgent_tokens, bulk_tokens)
+    later = next(steps)  # the interactive work is done: bulk has the whole step again
+    assert len(later.requests) == 20
+    for _ in steps:
+        pass
+    assert kv.num_free_blocks == 1024
+
+
+def test_without_a_yield_bulk_keeps_the_whole_step():
+    s = Scheduler(KVCacheManager(1024, BS), max_num_seqs=64, max_num_batched_tokens=512)
+    bulk = [req(f"bulk{i}", 4, 50, priority=1000, t=i) for i in range(20)]
+    for r in [*bulk, req("urgent", 4, 3, priority=0, t=100)]:
+        s.add(r)
+    batch = s.schedule()
+    assert len(batch.requests) == 21
