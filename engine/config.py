@@ -25,6 +25,11 @@ def default_batch_limits(device_type: str, device_memory_bytes: int | None) -> t
     return 256, 2048
 
 
+def default_priority_yield(device_type: str) -> float | None:
+    """`EngineConfig.priority_yield` when the caller gives none, from the device."""
+    return None if device_type == "cuda" else 0.5
+
+
 @dataclass
 class EngineConfig:
     """How the engine runs: the caller's choices, validated once, passed down as a plain object."""
@@ -47,6 +52,14 @@ class EngineConfig:
     # Launch step N+1 before reading step N's tokens, so the host's work hides behind the GPU's.
     # None: on for CUDA, off elsewhere (a CPU computes while it launches: nothing to hide).
     overlap_steps: bool | None = None
+    # In a step that carries requests of a better priority step (interactive), the worse steps
+    # (bulk) get at most this many tokens per token of the best step's, so a step with interactive
+    # work in it is at most (1 + this) times as long as the interactive work alone. None: 0.5 on a
+    # CPU (a step's time grows with its tokens: interactive latency stays within 1.5x of an idle
+    # worker's, bulk keeps a third of the steps' tokens meanwhile), no limit on CUDA (a decode
+    # step of many sequences costs about what one of few does: holding bulk back would cost
+    # throughput, not save time).
+    priority_yield: float | None = None
     # Model processes, one per device, each holding 1/N of the weights and of the KV heads
     # (engine.parallel); on CUDA rank r uses the device after the engine's by r.
     tensor_parallel_size: int = 1
@@ -73,6 +86,8 @@ class EngineConfig:
             problems.append(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size < 1:
             problems.append(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.priority_yield is not None and not self.priority_yield > 0:
+            problems.append(f"priority_yield must be > 0, got {self.priority_yield}")
         if self.distributed_timeout_s <= 0:
             problems.append(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         if problems:

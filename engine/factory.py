@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.config import EngineConfig, ModelInfo, default_batch_limits
+from engine.config import EngineConfig, ModelInfo, default_batch_limits, default_priority_yield
 from engine.kv_cache import KVCacheManager
 from engine.kv_sizing import num_kv_blocks
 from engine.loader import load_model, read_model_config, resolve_model
@@ -89,7 +89,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     return EngineParts(
         config=config, device=device, model=model, info=info, dtype=dtype, tokenizer=tokenizer,
         eos_token_ids=eos, max_model_len=max_model_len, num_blocks=num_blocks, kv=kv,
-        scheduler=Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens),
+        scheduler=Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens,
+                            priority_yield=(default_priority_yield(device.type) if config.priority_yield is None
+                                            else config.priority_yield)),
         runner=runner, sampler=Sampler(info.vocab_size, eos, seed=config.seed),
         overlap_steps=device.type == "cuda" if config.overlap_steps is None else config.overlap_steps, tp=tp)
 

@@ -23,6 +23,9 @@ def worker_command(
              "benchmarks (--model is then a directory with a config.json, or a shape preset: "
              "smollm2-135m, qwen3-0.6b, llama-3.1-8b)."),
     concurrency: Optional[int] = typer.Option(None, help="Tasks held at once [default: TOKENMILL_WORKER_CONCURRENCY]."),
+    bulk_tasks: Optional[int] = typer.Option(
+        None, min=1, help="Of those, the most bulk tasks may hold; the rest are kept for interactive tasks "
+                          "[default: TOKENMILL_WORKER_BULK_TASKS]."),
     max_num_seqs: Optional[int] = typer.Option(None, help="Sequences per engine batch [default: TOKENMILL_MAX_NUM_SEQS]."),
     num_kv_blocks: Optional[int] = typer.Option(None, help="KV cache blocks of 16 tokens; 0: sized from memory [default: TOKENMILL_NUM_KV_BLOCKS]."),
     tensor_parallel_size: Optional[int] = typer.Option(
@@ -68,7 +71,8 @@ def worker_command(
         base = [sys.executable, "-m", "tokenmill.cli", "worker", "--model", model, "--served-name", served,
                 "--dtype", dtype, "--load-format", load_format, "--loglevel", loglevel,
                 "--tensor-parallel-size", str(tp)]
-        for flag, value in (("--concurrency", concurrency), ("--max-num-seqs", max_num_seqs),
+        for flag, value in (("--concurrency", concurrency), ("--bulk-tasks", bulk_tasks),
+                            ("--max-num-seqs", max_num_seqs),
                             ("--num-kv-blocks", num_kv_blocks)):
             if value is not None:
                 base += [flag, str(value)]
@@ -114,6 +118,7 @@ def worker_command(
         model=str(model_dir), served_model=served, device=device, dtype=dtype, load_format=load_format,
         database_url=settings.database_url, redis_url=settings.redis_url,
         concurrency=concurrency or settings.worker_concurrency,
+        bulk_tasks=bulk_tasks or settings.worker_bulk_tasks,
         max_num_seqs=max_num_seqs or settings.max_num_seqs or None, max_attempts=settings.max_attempts,
         visibility_timeout_s=settings.visibility_timeout_s,
         loglevel=loglevel.upper(), hostname=hostname,

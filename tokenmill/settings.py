@@ -27,7 +27,10 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     model: str = "smollm2-135m-instruct"
     # workers
-    worker_concurrency: int = 64  # tasks a worker holds at once (each waits on the shared engine)
+    worker_concurrency: int = 128  # tasks a worker holds at once (each waits on the shared engine)
+    # of those, the most bulk tasks may hold (64 jobs each); the rest wait for interactive tasks
+    # (workers.task_slots); >= worker_concurrency: bulk may take every slot
+    worker_bulk_tasks: int = 64
     max_num_seqs: int = 0  # sequences in one engine batch; 0: from the device (engine.config.default_batch_limits)
     max_attempts: int = 3  # lost starts before a job runs alone; lost runs alone before it fails
     visibility_timeout_s: int = 3600  # a lost worker's tasks return to the queue after this

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from engine import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class WorkerOptions:
     fault_crash_marker: str = ""  # test only (see tokenmill.settings)
     log_format: str = "text"  # "json": the caller configured logging; Celery must not replace it
     tensor_parallel_size: int = 1  # the engine's model processes (engine.parallel)
+    bulk_tasks: int = 0  # of the `concurrency` slots, the most bulk tasks may hold; 0: all (workers.task_slots)
 
 
 def default_hostname(served_model: str, device: str) -> str:
@@ -65,6 +68,25 @@ def engine_config(opts: WorkerOptions) -> "EngineConfig":
     return EngineConfig(model=opts.model, device=opts.device, dtype=opts.dtype, load_format=opts.load_format,
                         max_num_seqs=opts.max_num_seqs, num_kv_blocks=opts.num_kv_blocks,
                         tensor_parallel_size=opts.tensor_parallel_size)
+
+
+def bulk_slots(opts: WorkerOptions) -> int:
+    """How many of the worker's task slots bulk tasks may hold (0: all of them)."""
+    if opts.bulk_tasks <= 0 or opts.bulk_tasks >= opts.concurrency:
+        return 0
+    return opts.bulk_tasks
+
+
+def use_task_slots(app: "Celery", opts: WorkerOptions) -> None:
+    """Makes the worker's consumer keep `concurrency - bulk_tasks` slots for interactive tasks."""
+    from workers.task_slots import TRANSPORT
+
+    slots = bulk_slots(opts)
+    if not slots:
+        log.warning("bulk tasks may hold all %d task slots (bulk tasks %d): an interactive task may wait "
+                    "in Redis for a bulk task to finish", opts.concurrency, opts.bulk_tasks)
+    app.conf.broker_transport = TRANSPORT
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "bulk_slots": slots}
 
 
 def run_worker(opts: WorkerOptions) -> None:
@@ -99,6 +121,7 @@ def run_worker(opts: WorkerOptions) -> None:
                                     fault_crash_marker=opts.fault_crash_marker), engine, store).start()
     app = make_celery(QueueConfig(redis_url=opts.redis_url, visibility_timeout_s=opts.visibility_timeout_s,
                                   worker_instance=instance))
+    use_task_slots(app, opts)
     # Its own queue (prefix routing, docs/routing.md), consumed after the shared one at each
     # priority step: a routed job never overtakes a shared job of the same priority.
     own_queue = worker_queue(queue_for(opts.served_model), instance)

@@ -103,10 +103,10 @@ def test_preemption_frees_the_newest_lowest_priority_and_everything_finishes():
 @given(specs=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 10), st.integers(0, 2)),
                       min_size=1, max_size=12),
        num_blocks=st.integers(8, 24), budget=st.integers(1, 32), max_seqs=st.integers(1, 6),
-       caching=st.booleans())
-def test_random_workloads_always_finish_without_leaks(specs, num_blocks, budget, max_seqs, caching):
+       caching=st.booleans(), priority_yield=st.sampled_from([None, 0.25, 1.0]))
+def test_random_workloads_always_finish_without_leaks(specs, num_blocks, budget, max_seqs, caching, priority_yield):
     kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=caching)
-    s = Scheduler(kv, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+    s = Scheduler(kv, max_num_seqs=max_seqs, max_num_batched_tokens=budget, priority_yield=priority_yield)
     counter = itertools.count()
     reqs = []
     for p, m, prio in specs:
@@ -173,3 +173,108 @@ def test_preemption_takes_the_tenant_most_ahead_of_its_share():
     s.schedule()
     # A's third request starts furthest ahead in virtual time (A already had two before it).
     assert s._pick_victim(exclude=set()) is a[2]
+
+
+def test_a_better_priority_takes_the_place_of_running_bulk_at_the_sequence_cap():
+    kv = KVCacheManager(1024, BS)
+    s = Scheduler(kv, max_num_seqs=3, max_num_batched_tokens=64)
+    bulk = [req(f"bulk{i}", 4, 20, priority=1000, t=i) for i in range(3)]
+    for r in bulk:
+        s.add(r)
+    s.after_step(s.schedule())  # the three bulk requests fill the sequence slots
+    for r in bulk:
+        r.output_token_ids.append(1)
+    urgent = req("urgent", 4, 2, priority=0, t=10)
+    s.add(urgent)
+    batch = s.schedule()
+    # The newest bulk request gives its place (and leaves this step's batch); the others decode.
+    assert urgent in batch.requests
+    assert batch.preempted == [bulk[2]] and bulk[2] not in batch.requests
+    assert bulk[2].status is RequestStatus.WAITING and bulk[2].num_computed_tokens == 0
+    assert len(s.running) == 3 and batch.total_tokens == 2 + 4
+    s.after_step(batch)
+    kv.check_invariants(s.running)
+
+
+def test_a_better_priority_takes_the_blocks_of_running_bulk():
+    kv = KVCacheManager(6, BS, enable_prefix_caching=False)  # 24 token slots
+    s = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    bulk = [req(f"bulk{i}", 8, 20, priority=1000, t=i) for i in range(3)]  # two blocks each
+    for r in bulk:
+        s.add(r)
+    s.after_step(s.schedule())
+    assert kv.num_free_blocks == 0
+    urgent = req("urgent", 6, 2, priority=0, t=10)
+    s.add(urgent)
+    for r in bulk:
+        r.output_token_ids.append(1)
+    batch = s.schedule()
+    assert urgent in batch.requests
+    # Room for urgent's prompt and the survivors' decode blocks: the two newest bulk ones went.
+    assert [r.request_id for r in batch.preempted] == ["bulk2", "bulk1"]
+    kv.check_invariants(s.running)
+
+
+def test_equal_priorities_never_displace_each_other():
+    kv = KVCacheManager(1024, BS)
+    s = Scheduler(kv, max_num_seqs=2, max_num_batched_tokens=64)
+    for i in range(2):
+        s.add(req(f"old{i}", 4, 20, priority=1000, t=i))
+    s.after_step(s.schedule())
+    for r in s.running:
+        r.output_token_ids.append(1)
+    s.add(req("new", 4, 20, priority=1000, t=5))
+    batch = s.schedule()
+    assert not batch.preempted and [r.request_id for r in batch.requests] == ["old0", "old1"]
+
+
+def test_interactive_of_one_tenant_displaces_the_bulk_of_the_tenant_most_ahead():
+    kv = KVCacheManager(1024, BS)
+    s = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    # A's three bulk requests started first: A is ahead in virtual time of B's one.
+    for r in [*(_tenant_req(f"a{i}", "A", 1.0, t=i, priority=1000) for i in range(3)),
+              _tenant_req("b0", "B", 1.0, t=5, priority=1000)]:
+        s.add(r)
+    s.after_step(s.schedule())
+    s.add(_tenant_req("b-interactive", "B", 1.0, t=10, priority=0))
+    batch = s.schedule()
+    assert [r.request_id for r in batch.preempted] == ["a2"]
+    assert "b-interactive" in [r.request_id for r in batch.requests]
+
+
+def test_bulk_yields_the_step_to_interactive_work_but_keeps_moving():
+    kv = KVCacheManager(1024, BS)
+    s = Scheduler(kv, max_num_seqs=64, max_num_batched_tokens=512, priority_yield=1.0)
+    bulk = [req(f"bulk{i}", 4, 50, priority=1000, t=i) for i in range(20)]
+    for r in bulk:
+        s.add(r)
+    s.after_step(s.schedule())
+    for r in bulk:
+        r.output_token_ids.append(1)
+    urgent = [req(f"urgent{i}", 4, 3, priority=0, t=100 + i) for i in range(3)]
+    for r in urgent:
+        s.add(r)
+    steps = run_to_completion(s)
+    first = next(steps)  # bulk decodes (20 tokens), then the urgent prompts join (12 tokens)
+    assert all(r in first.requests for r in urgent)
+    while any(r.status is not RequestStatus.FINISHED for r in urgent):
+        batch = next(steps)
+        urgent_tokens = sum(n for r, n in zip(batch.requests, batch.num_tokens) if r.priority == 0)
+        bulk_tokens = batch.total_tokens - urgent_tokens
+        if urgent_tokens:
+            # At most as many bulk tokens as interactive ones: 3 decodes, 3 bulk decodes.
+            assert 1 <= bulk_tokens <= urgent_tokens, (urgent_tokens, bulk_tokens)
+    later = next(steps)  # the interactive work is done: bulk has the whole step again
+    assert len(later.requests) == 20
+    for _ in steps:
+        pass
+    assert kv.num_free_blocks == 1024
+
+
+def test_without_a_yield_bulk_keeps_the_whole_step():
+    s = Scheduler(KVCacheManager(1024, BS), max_num_seqs=64, max_num_batched_tokens=512)
+    bulk = [req(f"bulk{i}", 4, 50, priority=1000, t=i) for i in range(20)]
+    for r in [*bulk, req("urgent", 4, 3, priority=0, t=100)]:
+        s.add(r)
+    batch = s.schedule()
+    assert len(batch.requests) == 21
